@@ -1,0 +1,88 @@
+"""Orbax checkpoints that know which model they hold.
+
+Each checkpoint stores the train state and a small JSON record of the model name,
+dataset and parameter shapes. Before anything is written to a workdir, its latest
+checkpoint's record is compared with the run's: another model's checkpoint is
+refused with an error, never overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+  """The workdir holds a checkpoint of another model, dataset or shape."""
+
+
+def record(model: str, dataset: str, params: Any) -> dict:
+  """The identity of a run: model, dataset and every parameter's shape."""
+  shapes = {jax.tree_util.keystr(path): list(np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  return {"model": model, "dataset": dataset, "param_shapes": shapes}
+
+
+def manager(workdir: str, *, max_to_keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
+  """A CheckpointManager over ``workdir/checkpoints`` keeping the last `max_to_keep`."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=options)
+
+
+def latest_step(workdir: str) -> int | None:
+  """The step of the newest checkpoint in `workdir`, or None."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return None
+  with manager(workdir, create=False) as mngr:
+    return mngr.latest_step()
+
+
+def read_record(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The identity record saved with checkpoint `step`."""
+  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def check_compatible(workdir: str, expected: dict) -> int | None:
+  """Raises CheckpointMismatchError unless the latest checkpoint matches `expected`.
+
+  Returns:
+    The latest step, or None when `workdir` holds no checkpoint.
+  """
+  step = latest_step(workdir)
+  if step is None:
+    return None
+  with manager(workdir, create=False) as mngr:
+    found = read_record(mngr, step)
+  for key in ("model", "dataset"):
+    if found.get(key) != expected[key]:
+      raise CheckpointMismatchError(
+          f"{workdir} holds a checkpoint (step {step}) of {key} {found.get(key)!r}, but this "
+          f"run is for {expected[key]!r}. Use another --workdir; nothing was written.")
+  if found.get("param_shapes") != expected["param_shapes"]:
+    diff = _shape_diff(found["param_shapes"], expected["param_shapes"])
+    raise CheckpointMismatchError(
+        f"{workdir} holds a checkpoint (step {step}) of {found['model']!r} with other "
+        f"parameter shapes ({'; '.join(diff[:4])}). Use another --workdir; nothing was written.")
+  return step
+
+
+def _shape_diff(found: dict, expected: dict) -> list[str]:
+  return [f"{k}: checkpoint {found.get(k)} vs model {expected.get(k)}"
+          for k in sorted(set(found) | set(expected)) if found.get(k) != expected.get(k)]
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+  """Saves `state` with its identity record (asynchronously; see `mngr.wait_until_finished`)."""
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
+  """Restores checkpoint `step` into the structure, shapes and dtypes of `target`."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]

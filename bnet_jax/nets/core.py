@@ -1,0 +1,216 @@
+"""The multi-exit network representation every part of the library shares.
+
+A BranchyNet is an ordered tuple of `Stage`s. Stage i maps the trunk activation
+h_{i-1} to h_i with its `trunk` module; if it has a `head`, the head maps h_i to an
+exit's logits. The last stage always has a head: the main classifier. Stages
+without a head (a plain network's inner stages) are only trunk.
+
+Variables are a dict of collections (``"params"``, and ``"batch_stats"`` for
+networks with BatchNorm), each keyed by module name: ``trunk_i`` and ``head_i``.
+A plain network obtained with `Network.main_network` has the same names minus the
+inner heads, so a BranchyNet's parameters run its main path unchanged.
+
+Every module is called as ``module(x, train=bool)``. Modules are applied one at a
+time with their own slice of the variables: the same parameters run in one fused
+pass (`forward`) or stage by stage (`apply_trunk`, `apply_head`), which the
+early-exit cascade and cost accounting rely on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnet_jax import criteria
+
+Variables = dict[str, Any]
+
+MUTABLE_COLLECTIONS = ("batch_stats",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One trunk segment and, optionally, the exit head that follows it."""
+  trunk: nn.Module
+  head: nn.Module | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """A multi-exit network.
+
+  Attributes:
+    name: registry name, stored in checkpoints to refuse another model's weights.
+    stages: trunk segments with their exit heads; the last has the main head.
+    input_shape: (H, W, C) of one input image.
+    num_classes: classes of every exit.
+  """
+  name: str
+  stages: tuple[Stage, ...]
+  input_shape: tuple[int, int, int]
+  num_classes: int
+
+  def __post_init__(self):
+    if not self.stages or self.stages[-1].head is None:
+      raise ValueError(f"{self.name}: the last stage must have a head (the main exit).")
+
+  @property
+  def exit_stages(self) -> tuple[int, ...]:
+    """Indices of the stages that end in an exit, in order."""
+    return tuple(i for i, s in enumerate(self.stages) if s.head is not None)
+
+  @property
+  def num_exits(self) -> int:
+    return len(self.exit_stages)
+
+  def main_network(self, name: str | None = None) -> Network:
+    """The plain network: every trunk stage and only the last (main) head."""
+    last = len(self.stages) - 1
+    stages = tuple(dataclasses.replace(s, head=s.head if i == last else None)
+                   for i, s in enumerate(self.stages))
+    return dataclasses.replace(self, name=name or f"{self.name}_main", stages=stages)
+
+
+class Outputs(NamedTuple):
+  """Every exit's outputs for a batch.
+
+  Attributes:
+    logits: (E, B, num_classes), exits in order, last = main classifier.
+    entropy: (E, B), entropy of each exit's softmax in nats.
+  """
+  logits: jax.Array
+  entropy: jax.Array
+
+
+def module_names(net: Network) -> list[str]:
+  """Names of the network's modules in execution order."""
+  names = []
+  for i, stage in enumerate(net.stages):
+    names.append(f"trunk_{i}")
+    if stage.head is not None:
+      names.append(f"head_{i}")
+  return names
+
+
+def _slice(variables: Variables, name: str) -> Variables:
+  return {col: tree[name] for col, tree in variables.items() if name in tree}
+
+
+def _apply(module: nn.Module, variables: Variables, name: str, x: jax.Array,
+           train: bool, rng: jax.Array | None) -> tuple[jax.Array, Variables]:
+  """Applies one module; returns its output and its updated mutable state."""
+  v = _slice(variables, name)
+  if not train:
+    return module.apply(v, x, train=False), {}
+  rngs = {"dropout": rng} if rng is not None else {}
+  y, updates = module.apply(v, x, train=True, rngs=rngs, mutable=list(MUTABLE_COLLECTIONS))
+  return y, {col: {name: tree} for col, tree in updates.items() if tree}
+
+
+def _merge(into: Variables, updates: Variables) -> None:
+  for col, tree in updates.items():
+    into.setdefault(col, {}).update(tree)
+
+
+def init(net: Network, rng: jax.Array, batch_size: int = 1) -> Variables:
+  """Initialises every module of `net`.
+
+  Args:
+    net: the network.
+    rng: a PRNG key.
+    batch_size: batch of the dummy input used to infer shapes.
+
+  Returns:
+    Variables: ``{"params": {"trunk_0": ..., "head_0": ..., ...}, ...}``.
+  """
+  h = jnp.zeros((batch_size, *net.input_shape), jnp.float32)
+  variables: Variables = {}
+  for i, stage in enumerate(net.stages):
+    key = jax.random.fold_in(rng, i)
+    v = stage.trunk.init({"params": key, "dropout": key}, h, train=False)
+    _merge(variables, {col: {f"trunk_{i}": tree} for col, tree in v.items()})
+    h = stage.trunk.apply(v, h, train=False)
+    if stage.head is not None:
+      hkey = jax.random.fold_in(key, 1_000_003)
+      v = stage.head.init({"params": hkey, "dropout": hkey}, h, train=False)
+      _merge(variables, {col: {f"head_{i}": tree} for col, tree in v.items()})
+  return variables
+
+
+def apply_trunk(net: Network, variables: Variables, i: int, h: jax.Array, *,
+                train: bool = False, rng: jax.Array | None = None
+                ) -> tuple[jax.Array, Variables]:
+  """Runs trunk stage `i`: (B, ...) activation in, (B, ...) activation out."""
+  key = None if rng is None else jax.random.fold_in(rng, 2 * i)
+  return _apply(net.stages[i].trunk, variables, f"trunk_{i}", h, train, key)
+
+
+def apply_head(net: Network, variables: Variables, i: int, h: jax.Array, *,
+               train: bool = False, rng: jax.Array | None = None
+               ) -> tuple[jax.Array, Variables]:
+  """Runs the exit head of stage `i` on its trunk output: returns (B, C) logits."""
+  key = None if rng is None else jax.random.fold_in(rng, 2 * i + 1)
+  return _apply(net.stages[i].head, variables, f"head_{i}", h, train, key)
+
+
+def forward(net: Network, variables: Variables, x: jax.Array, *, train: bool = False,
+            rng: jax.Array | None = None) -> tuple[Outputs, Variables]:
+  """All exits in one pass.
+
+  Args:
+    net: the network.
+    variables: as returned by `init`.
+    x: (B, H, W, C) float images, preprocessed.
+    train: batch statistics and dropout when True; running statistics otherwise.
+    rng: dropout key (needed only by networks with dropout, in training).
+
+  Returns:
+    `Outputs` with logits (E, B, C) and entropy (E, B), and the updated mutable
+    collections (empty unless `train`).
+  """
+  updates: Variables = {}
+  logits = []
+  h = x
+  for i, stage in enumerate(net.stages):
+    h, u = apply_trunk(net, variables, i, h, train=train, rng=rng)
+    _merge(updates, u)
+    if stage.head is not None:
+      z, u = apply_head(net, variables, i, h, train=train, rng=rng)
+      _merge(updates, u)
+      logits.append(z)
+  logits = jnp.stack(logits)
+  return Outputs(logits, criteria.entropy(logits)), updates
+
+
+def main_logits(net: Network, variables: Variables, x: jax.Array) -> jax.Array:
+  """The main path alone (every trunk stage + last head), in eval mode: (B, C)."""
+  return forward(net.main_network(), variables, x)[0].logits[-1]
+
+
+def check_images(net: Network, x: Any) -> None:
+  """Raises a ValueError naming the problem if `x` is not a batch `net` accepts."""
+  shape = tuple(np.shape(x))
+  h, w, c = net.input_shape
+  if len(shape) != 4:
+    raise ValueError(f"{net.name} expects a batch of images (B, {h}, {w}, {c}); got shape "
+                     f"{shape}. Add a batch axis with x[None] for a single image.")
+  if shape[1:3] != (h, w):
+    raise ValueError(f"{net.name} expects {h}x{w} images; got {shape[1]}x{shape[2]} "
+                     f"(shape {shape}). Resize the input or pick a network for this size.")
+  if shape[3] != c:
+    raise ValueError(f"{net.name} expects {c} channel(s) in the last axis (NHWC); got "
+                     f"{shape[3]} (shape {shape}).")
+  dtype = np.dtype(getattr(x, "dtype", np.float32))
+  if not np.issubdtype(dtype, np.floating):
+    raise ValueError(f"{net.name} expects float images scaled as in training; got {dtype}. "
+                     "Convert with bnet_jax.data.preprocess(dataset, images).")
+
+
+def count_params(tree: Any) -> int:
+  """Number of scalars in a pytree of arrays."""
+  return sum(int(np.prod(np.shape(a))) for a in jax.tree.leaves(tree))

@@ -1,0 +1,81 @@
+"""B-LeNet (2 exits) and LeNet for 28x28x1 images, as in the authors' code.
+
+Trunk: conv 1->5 5x5 pad 3 -> [exit 1] -> maxpool 2 -> ReLU -> conv 5->10 5x5 pad 3
+-> maxpool 2 -> ReLU -> conv 10->20 5x5 pad 3 -> maxpool 2 -> ReLU -> FC 720->84
+-> exit 2 = FC 84->10. Exit 1: maxpool 2 -> ReLU -> conv 5->10 3x3 pad 1 -> maxpool 2
+-> ReLU -> FC 640->10. Pooling rounds up (Chainer's cover_all): 28 -> 30 -> 15 ->
+17 -> 9 -> 11 -> 6 on the trunk, 15 -> 8 on the exit.
+
+Exit 1 and the trunk both begin with the same maxpool + ReLU of conv1's output, so
+stage 1 ends after that pool and ReLU: the same function, computed once, and a 4x
+smaller activation handed from stage to stage.
+"""
+
+import flax.linen as nn
+import jax
+
+from bnet_jax.nets import layers
+from bnet_jax.nets.core import Network, Stage
+
+
+def _pool_relu(x: jax.Array) -> jax.Array:
+  return nn.relu(layers.max_pool_ceil(x, 2))
+
+
+class Stage1(nn.Module):
+  """(B, 28, 28, 1) -> (B, 15, 15, 5)."""
+  conv_impl: str
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    return _pool_relu(layers.Conv(5, 5, padding=3, impl=self.conv_impl)(x))
+
+
+class Exit1(nn.Module):
+  """(B, 15, 15, 5) -> (B, 10) logits."""
+  conv_impl: str
+
+  @nn.compact
+  def __call__(self, h: jax.Array, train: bool = False) -> jax.Array:
+    h = _pool_relu(layers.Conv(10, 3, padding=1, impl=self.conv_impl)(h))
+    return nn.Dense(10)(h.reshape(h.shape[0], -1))
+
+
+class Stage2(nn.Module):
+  """(B, 15, 15, 5) -> (B, 84)."""
+  conv_impl: str
+
+  @nn.compact
+  def __call__(self, h: jax.Array, train: bool = False) -> jax.Array:
+    h = _pool_relu(layers.Conv(10, 5, padding=3, impl=self.conv_impl)(h))
+    h = _pool_relu(layers.Conv(20, 5, padding=3, impl=self.conv_impl)(h))
+    return nn.Dense(84)(h.reshape(h.shape[0], -1))
+
+
+class MainExit(nn.Module):
+  """(B, 84) -> (B, 10) logits; no ReLU between the two FC layers, as in the code."""
+
+  @nn.compact
+  def __call__(self, h: jax.Array, train: bool = False) -> jax.Array:
+    return nn.Dense(10)(h)
+
+
+def b_lenet(conv1_impl: str = "shifted", conv_impl: str = "xla") -> Network:
+  """B-LeNet for MNIST-sized input.
+
+  Args:
+    conv1_impl: implementation of the one-input-channel first convolution (see
+      `layers.CONV_IMPLS`); "shifted" avoids XLA's slow 1-channel CPU convolution.
+    conv_impl: implementation of the other convolutions.
+  """
+  return Network(
+      name="b_lenet",
+      stages=(Stage(Stage1(conv1_impl), Exit1(conv_impl)),
+              Stage(Stage2(conv_impl), MainExit())),
+      input_shape=(28, 28, 1),
+      num_classes=10)
+
+
+def lenet(**kwargs) -> Network:
+  """LeNet: B-LeNet's trunk and main exit, parameters named as in B-LeNet."""
+  return b_lenet(**kwargs).main_network(name="lenet")

@@ -1,0 +1,25 @@
+"""Timing helpers for benchmarks: warm up, interleave variants, take medians."""
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def interleaved_medians(runners: dict[str, Callable[[], None]], *, repeats: int,
+                        warmup: int = 1) -> dict[str, float]:
+  """Median wall time in seconds of each runner, timed in rotation.
+
+  Every runner must block until its work is done (`jax.block_until_ready`). Each
+  is first called `warmup` times (compilation, caches); then the runners are called
+  in turn `repeats` times, so machine drift affects all of them alike.
+  """
+  for run in runners.values():
+    for _ in range(warmup):
+      run()
+  times: dict[str, list[float]] = {name: [] for name in runners}
+  for _ in range(repeats):
+    for name, run in runners.items():
+      t0 = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(ts) for name, ts in times.items()}

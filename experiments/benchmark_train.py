@@ -1,0 +1,69 @@
+r"""Joint training throughput (images/s) of a network, layer implementations side by side.
+
+  python -m experiments.benchmark_train --model=b_lenet --batch_size=512 \
+      --variants=shifted/xla,xla/xla,shifted/im2col [--json=throughput.json]
+
+A variant is CONV1_IMPL/CONV_IMPL (see bnet_jax/nets/layers.py). Each variant's
+jitted joint train step is compiled and warmed up, then the variants are timed in
+rotation (so drift hits all alike); each figure is the median over repeats of
+`--steps` synchronised steps. Data is random: throughput does not depend on it.
+"""
+
+import json
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from bnet_jax import nets, runtime, timing, train
+
+_MODEL = flags.DEFINE_string("model", "b_lenet", "Registered network name.")
+_BATCH = flags.DEFINE_integer("batch_size", 512, "Training batch size.")
+_VARIANTS = flags.DEFINE_list("variants", ["shifted/xla", "xla/xla"], "CONV1_IMPL/CONV_IMPL.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Train steps per timed repeat.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per variant.")
+_JSON = flags.DEFINE_string("json", None, "Write the results here as JSON.")
+
+
+def _make_runner(model: str, variant: str, batch_size: int):
+  conv1, conv = variant.split("/")
+  net = nets.get(model, conv1_impl=conv1, conv_impl=conv)
+  phase = train.Phase("joint", net, (1.0,) * net.num_exits, 0, 1)
+  config = ml_collections.ConfigDict(dict(learning_rate=1e-3, beta1=0.9, beta2=0.999,
+                                          weight_decay=0.0, lr_schedule="constant"))
+  tx = train.make_optimizer(config, 1)
+  variables = nets.init(net, jax.random.key(0))
+  state = [train._fresh_state(phase, tx, variables, 0)]
+  step = train.make_train_step(phase, tx)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.random((batch_size, *net.input_shape), np.float32),
+           "label": rng.integers(0, net.num_classes, batch_size).astype(np.int32)}
+  key = jax.random.key(0)
+
+  def run() -> None:
+    for _ in range(_STEPS.value):
+      state[0], metrics = step(state[0], batch, key)
+    jax.block_until_ready(metrics)
+
+  return run
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  runtime.configure()
+  runners = {v: _make_runner(_MODEL.value, v, _BATCH.value) for v in _VARIANTS.value}
+  seconds = timing.interleaved_medians(runners, repeats=_REPEATS.value, warmup=2)
+  rows = []
+  for variant, sec in seconds.items():
+    rate = _STEPS.value * _BATCH.value / sec
+    rows.append({"model": _MODEL.value, "variant": variant, "batch_size": _BATCH.value,
+                 "images_per_s": rate, "device": jax.devices()[0].device_kind})
+    print(f"{_MODEL.value:10s} {variant:16s} batch {_BATCH.value:5d}: {rate:8.0f} images/s")
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump({"rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Idempotent set-up shared by the README's commands: a virtualenv in .venv with
+# bnet-jax and its test extra, Debian's Fashion-MNIST package, and the offline
+# TFDS datasets in $TFDS_DATA_DIR (default .tfds/) when local IDX files exist.
+# Source it: `source scripts/setup.sh`.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+# shellcheck disable=SC1091
+source .venv/bin/activate
+if ! python -c "import bnet_jax, pytest, tensorflow" 2>/dev/null \
+    || [ setup.cfg -nt .venv/.bnet-installed ]; then
+  python -m pip install --quiet --upgrade pip
+  python -m pip install --quiet -e ".[test]"
+  touch .venv/.bnet-installed
+fi
+
+FASHION_DIR="${BNET_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}"
+if [ ! -d "$FASHION_DIR" ] && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
+  { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist; } \
+    >/dev/null || echo "note: could not apt-get install dataset-fashion-mnist" >&2
+fi
+
+export TFDS_DATA_DIR="${TFDS_DATA_DIR:-$REPO/.tfds}"
+MNIST_DIR="${BNET_MNIST_DIR:-$REPO/../shared/datasets/mnist}"
+# Offline machines: build the real TFDS datasets from local IDX files. With
+# internet and no local files, TFDS downloads them on first use instead.
+if [ -d "$MNIST_DIR" ]; then
+  python -m experiments.prepare_data --dataset=mnist --from_dir="$MNIST_DIR"
+fi
+if [ -d "$FASHION_DIR" ]; then
+  python -m experiments.prepare_data --dataset=fashion_mnist --from_dir="$FASHION_DIR"
+fi

@@ -1,0 +1,145 @@
+"""Training end to end on mock TFDS data: results, resume, phases and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from bnet_jax import checkpoint, data, nets, train
+from experiments.configs import lenet_mnist
+from conftest import REPO
+
+# tfds.testing.mock_data ignores split slicing: every split, validation included, has
+# MOCK_EXAMPLES rows, so training runs 4 steps of 256 per epoch.
+MOCK_EXAMPLES = 1024
+
+
+def small_config(**overrides):
+  c = lenet_mnist.get_config("smoke")
+  c.num_validation = 256
+  c.data_dir = "/nonexistent-under-mock"
+  c.download = False
+  c.eval_batch_size = 128
+  c.update(overrides)
+  return c
+
+
+def run(config, workdir):
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    return train.train_and_evaluate(config, str(workdir))
+
+
+def final_params(config, workdir):
+  net = nets.get(config.model, **config.model_options)
+  variables = nets.init(net, jax.random.key(0))
+  with checkpoint.manager(str(workdir), create=False) as mngr:
+    step = mngr.latest_step()
+    phases = train.make_phases(config, net, 4)
+    producer = phases[-1]
+    target = train._fresh_state(producer, train.make_optimizer(config, producer.num_steps),
+                                variables, step)
+    return step, checkpoint.restore(mngr, step, target).params
+
+
+def snapshot(path):
+  return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+          for d, _, files in os.walk(path) for f in files}
+
+
+def test_end_to_end_writes_eval_json_and_checkpoints(tmp_path):
+  results = run(small_config(), tmp_path)
+  with open(tmp_path / "eval.json") as f:
+    saved = json.load(f)
+  assert saved == results
+  for split in ("validation", "test"):
+    assert saved[split]["num_examples"] == MOCK_EXAMPLES
+    acc = saved[split]["accuracy_per_exit"]
+    assert len(acc) == 2 and all(0.0 <= a <= 1.0 for a in acc)
+  assert checkpoint.latest_step(str(tmp_path)) == 8  # 1 main + 1 joint epoch of 4 steps.
+  assert json.loads((tmp_path / "config.json").read_text())["model"] == "b_lenet"
+
+
+def test_main_phase_trains_only_the_main_network():
+  config = small_config(beta1=0.9, learning_rate=3e-3)
+  net = nets.get("b_lenet")
+  phase = train.make_phases(config, net, 4)[0]
+  assert phase.name == "main" and phase.trainable == ["trunk_0", "trunk_1", "head_1"]
+  tx = train.make_optimizer(config, phase.num_steps)
+  variables = nets.init(net, jax.random.key(0))
+  state = train._fresh_state(phase, tx, variables, 0)
+  head0 = np.asarray(variables["params"]["head_0"]["Dense_0"]["kernel"])
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.random((32, 28, 28, 1), np.float32),
+           "label": rng.integers(0, 10, 32).astype(np.int32)}
+  step = train.make_train_step(phase, tx)
+  losses = []
+  for _ in range(30):
+    state, metrics = step(state, batch, jax.random.key(0))
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.5 * losses[0]  # It learns the fixed batch...
+  np.testing.assert_array_equal(state.params["head_0"]["Dense_0"]["kernel"], head0)  # ...alone.
+  assert int(state.step) == 30
+
+
+@pytest.mark.parametrize("halt", [3, 4, 6])  # Inside the main phase, at its end, inside joint.
+def test_resume_is_exact(tmp_path, halt):
+  config = small_config(augment="shift")
+  run(config, tmp_path / "straight")
+  assert run(small_config(augment="shift", halt_after_steps=halt), tmp_path / "resumed") == {}
+  assert checkpoint.latest_step(str(tmp_path / "resumed")) == halt
+  run(config, tmp_path / "resumed")
+  step_a, params_a = final_params(config, tmp_path / "straight")
+  step_b, params_b = final_params(config, tmp_path / "resumed")
+  assert step_a == step_b == 8
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+
+
+def test_other_models_checkpoint_is_refused_and_untouched(tmp_path):
+  run(small_config(), tmp_path)
+  before = snapshot(tmp_path)
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="model 'b_lenet'.*'lenet'"):
+    run(small_config(model="lenet", loss_weights=(1.0,)), tmp_path)
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="dataset 'mnist'"):
+    run(small_config(dataset="fashion_mnist"), tmp_path)
+  assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"model": "alexnet9"}, "Unknown model 'alexnet9'"),
+    ({"dataset": "imagenet"}, "Unknown dataset 'imagenet'"),
+    ({"loss_weights": (1.0, 1.0, 1.0)}, "loss_weights has 3 entries but b_lenet has 2"),
+    ({"batch_size": 0}, "batch_size must be positive"),
+    ({"lr_schedule": "step"}, "lr_schedule must be"),
+])
+def test_bad_config_fails_before_writing(tmp_path, overrides, match):
+  with pytest.raises(ValueError, match=match):
+    run(small_config(**overrides), tmp_path / "w")
+  assert not (tmp_path / "w").exists()
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+  config = small_config(data_dir=str(tmp_path / "empty"))
+  with pytest.raises(data.DataNotFoundError, match="not prepared.*experiments.prepare_data"):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_rejects_wrong_type_and_unknown_model(tmp_path):
+  config = f"--config={REPO}/experiments/configs/lenet_mnist.py:smoke"
+  bad_type = _cli(config, "--config.batch_size=big", f"--workdir={tmp_path / 'a'}")
+  assert bad_type.returncode != 0
+  assert "batch_size" in bad_type.stderr and "big" in bad_type.stderr
+  unknown = _cli(config, "--config.model=vgg", f"--workdir={tmp_path / 'b'}")
+  assert unknown.returncode == 2
+  assert "Unknown model 'vgg'" in unknown.stderr
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
