@@ -8,12 +8,16 @@ refused with an error, never overwritten.
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from bnet_jax import nets
 
 
 class CheckpointMismatchError(ValueError):
@@ -86,3 +90,40 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
   """Restores checkpoint `step` into the structure, shapes and dtypes of `target`."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+
+
+class Trained(NamedTuple):
+  """A trained network loaded from a workdir."""
+  config: ml_collections.ConfigDict
+  net: Any
+  variables: dict
+  step: int
+
+
+def load_trained(workdir: str, **model_options: Any) -> Trained:
+  """The config, network and eval-mode variables of `workdir`'s newest checkpoint.
+
+  Args:
+    workdir: a directory written by `experiments.train`.
+    **model_options: override the config's model options (e.g. a layer
+      implementation for inference); parameters are unchanged by these.
+
+  Raises:
+    FileNotFoundError: no config.json or no checkpoint in `workdir`.
+  """
+  path = os.path.join(workdir, "config.json")
+  step = latest_step(workdir)
+  if not os.path.exists(path) or step is None:
+    raise FileNotFoundError(
+        f"{workdir} holds no trained model (config.json and checkpoints/). Train one first: "
+        f"python -m experiments.train --config=experiments/configs/lenet_mnist.py:tuned "
+        f"--workdir={workdir}")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  net = nets.get(config.model, **{**config.model_options.to_dict(), **model_options})
+  with manager(workdir, create=False) as mngr:
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  abstract = jax.eval_shape(lambda: nets.init(net, jax.random.key(0)))["params"]
+  if record(net.name, "", state["params"]) != record(net.name, "", abstract):
+    raise CheckpointMismatchError(f"The checkpoint in {workdir} does not fit {net.name}.")
+  return Trained(config, net, {"params": state["params"], **state["model_state"]}, step)

@@ -1,7 +1,7 @@
 r"""Joint training throughput (images/s) of a network, layer implementations side by side.
 
   python -m experiments.benchmark_train --model=b_lenet --batch_size=512 \
-      --variants=shifted/xla,xla/xla,shifted/im2col [--json=throughput.json]
+      --variants=xla/xla_dotgrad,xla/xla,shifted/xla [--json=throughput.json]
 
 A variant is CONV1_IMPL/CONV_IMPL (see bnet_jax/nets/layers.py). Each variant's
 jitted joint train step is compiled and warmed up, then the variants are timed in
@@ -20,7 +20,8 @@ from bnet_jax import nets, runtime, timing, train
 
 _MODEL = flags.DEFINE_string("model", "b_lenet", "Registered network name.")
 _BATCH = flags.DEFINE_integer("batch_size", 512, "Training batch size.")
-_VARIANTS = flags.DEFINE_list("variants", ["shifted/xla", "xla/xla"], "CONV1_IMPL/CONV_IMPL.")
+_VARIANTS = flags.DEFINE_list("variants", ["xla/xla_dotgrad", "xla/xla", "shifted/xla"],
+                              "CONV1_IMPL/CONV_IMPL; the first is b_lenet's default.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Train steps per timed repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per variant.")
 _JSON = flags.DEFINE_string("json", None, "Write the results here as JSON.")
@@ -30,8 +31,9 @@ def _make_runner(model: str, variant: str, batch_size: int):
   conv1, conv = variant.split("/")
   net = nets.get(model, conv1_impl=conv1, conv_impl=conv)
   phase = train.Phase("joint", net, (1.0,) * net.num_exits, 0, 1)
-  config = ml_collections.ConfigDict(dict(learning_rate=1e-3, beta1=0.9, beta2=0.999,
-                                          weight_decay=0.0, lr_schedule="constant"))
+  config = ml_collections.ConfigDict(dict(optimizer="adam", learning_rate=1e-3, beta1=0.9,
+                                          beta2=0.999, momentum=0.9, weight_decay=0.0,
+                                          lr_schedule="constant"))
   tx = train.make_optimizer(config, 1)
   variables = nets.init(net, jax.random.key(0))
   state = [train._fresh_state(phase, tx, variables, 0)]

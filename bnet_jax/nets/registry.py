@@ -2,12 +2,16 @@
 
 from collections.abc import Callable
 
-from bnet_jax.nets import lenet
+from bnet_jax.nets import alexnet, lenet, resnet
 from bnet_jax.nets.core import Network
 
 _REGISTRY: dict[str, Callable[..., Network]] = {
     "b_lenet": lenet.b_lenet,
     "lenet": lenet.lenet,
+    "b_alexnet": alexnet.b_alexnet,  # Options: placement ("code" | "paper"), conv_impl.
+    "alexnet": alexnet.alexnet,
+    "b_resnet": resnet.b_resnet,  # Options: depth (6n+2, default 110), placement, conv_impl.
+    "resnet": resnet.resnet,
 }
 
 

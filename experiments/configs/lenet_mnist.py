@@ -26,7 +26,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = "b_lenet"
   # Layer implementations (see bnet_jax/nets/layers.py); they share parameters.
-  c.model_options = ml_collections.ConfigDict({"conv1_impl": "shifted", "conv_impl": "xla"})
+  c.model_options = ml_collections.ConfigDict({"conv1_impl": "xla", "conv_impl": "xla_dotgrad"})
   c.dataset = "mnist"
   c.data_dir = ""  # Empty: $TFDS_DATA_DIR, else ~/tensorflow_datasets.
   c.download = True  # Download through TFDS if the dataset is not prepared.
@@ -37,13 +37,15 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
   c.main_epochs = 50  # Main network alone (trunk + last exit).
   c.joint_epochs = 100  # Every exit, from the main phase's weights.
   c.loss_weights = (1.0, 1.0)  # One per exit, last = main classifier.
+  c.optimizer = "adam"  # Or "sgd" (Nesterov momentum, L2 weight decay).
   c.learning_rate = 1e-3
+  c.momentum = 0.9  # SGD only.
   c.beta1 = 0.99
   c.beta2 = 0.999
   c.weight_decay = 0.0  # > 0 switches Adam to AdamW.
   c.lr_schedule = "constant"  # Or "cosine" (warmup + cosine decay per phase).
   c.warmup_steps = 0
-  c.augment = "none"  # Or "shift": random translations of up to max_shift pixels.
+  c.augment = "none"  # "shift": random translations of up to max_shift pixels; "crop_flip".
   c.max_shift = 2
 
   c.eval_batch_size = 1000
@@ -55,13 +57,13 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     pass
   elif variant == "tuned":
     c.main_epochs = 0
-    c.joint_epochs = 40
-    c.batch_size = 128
+    c.joint_epochs = 30
+    c.batch_size = 256
     c.beta1 = 0.9
     c.learning_rate = 3e-3
     c.weight_decay = 1e-4
     c.lr_schedule = "cosine"
-    c.warmup_steps = 500
+    c.warmup_steps = 300
     c.augment = "shift"
     c.max_shift = 2
   elif variant == "smoke":

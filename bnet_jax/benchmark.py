@@ -1,0 +1,160 @@
+"""The Table-1 benchmark: measured early-exit speedup against the full network.
+
+For a trained workdir: thresholds are chosen on the validation split (from the
+cached all-exits outputs), then the same network's main path (every trunk stage +
+the last exit, the baseline) and the early-exit cascade are timed on the test
+split at each batch size. Both are jitted the same way with parameters closed over,
+under the same process-wide XLA settings, and both are timed end to end: host
+batch in, predicted labels back on the host (the cascade's heads, softmax,
+criterion, compaction and transfers included). Each repeat is a pass over the same
+test batches; baseline and cascade passes alternate, and the median pass time over
+the repeats, divided by the samples in a pass, gives ms per sample (the mean cost
+per sample, as a user processing a stream would see it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnet_jax import cascade, checkpoint, cost, data, evaluate, nets, plots, selection, timing
+
+
+def main_path_predictor(net: nets.Network, variables: nets.Variables
+                        ) -> Callable[[np.ndarray], np.ndarray]:
+  """The baseline: (B, H, W, C) host images -> (B,) host labels via the main path."""
+  fn = jax.jit(lambda x: jnp.argmax(nets.main_logits(net, variables, x), -1).astype(jnp.int32))
+  return lambda x: np.asarray(fn(x))
+
+
+def _batches(images: np.ndarray, batch_size: int, max_samples: int) -> list[np.ndarray]:
+  count = min(len(images), max_samples) // batch_size
+  return [images[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+
+
+def _device() -> str:
+  d = jax.devices()[0]
+  return f"{d.platform}:{d.device_kind}"
+
+
+def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] = ("entropy",),
+        *, rule: str = "accuracy_drop", epsilon: float = 0.001, delta: float = 0.1,
+        max_cost_fraction: float = 0.5, repeats: int = 7, max_samples: int = 10_000,
+        batch1_samples: int = 2000, model_options: dict | None = None) -> dict:
+  """Chooses thresholds, times baseline and cascade, writes the results into `workdir`.
+
+  Writes ``thresholds.json`` (per criterion, with provenance), ``benchmark.json``
+  (``{"rows": [...]}``, one row per batch size and criterion) and
+  ``accuracy_vs_cost.png``.
+
+  Args:
+    workdir: a trained workdir; its cached ``exits_*.npz`` are made if missing.
+    batch_sizes: batch sizes to time.
+    criteria_names: exit criteria to benchmark.
+    rule, epsilon, delta, max_cost_fraction: the threshold selection rule
+      (`selection.choose`).
+    repeats: timed passes per variant.
+    max_samples: test samples per timed pass (batched).
+    batch1_samples: test samples per timed pass at batch size 1.
+    model_options: layer implementations for inference (parameters unchanged).
+
+  Returns:
+    The benchmark.json contents.
+  """
+  trained = checkpoint.load_trained(workdir, **(model_options or {}))
+  net, variables, config = trained.net, trained.variables, trained.config
+  if not all(os.path.exists(evaluate.exits_path(workdir, s)) for s in ("validation", "test")):
+    evaluate.cache_exits(workdir)
+  val, test = evaluate.load_exits(workdir, "validation"), evaluate.load_exits(workdir, "test")
+  split = data.load(config.dataset, "test", config.data_dir or None, download=config.download)
+  images = data.preprocess(config.dataset, split.images)
+  labels = split.labels
+
+  full_flops = cost.main_path_flops(net, variables)
+  baseline = main_path_predictor(net, variables)
+  base_accuracy = float(np.mean(baseline(images) == labels))
+  chosen, rows, points = {}, [], []
+  for criterion in criteria_names:
+    seg = cost.segment_flops(net, variables, criterion)
+    choice = selection.choose(val, test, criterion, seg, rule=rule, epsilon=epsilon, delta=delta,
+                              max_cost_fraction=max_cost_fraction)
+    choice["segment_flops"] = seg
+    chosen[criterion] = choice
+    model = cascade.Cascade(net, variables, choice["thresholds"], criterion=criterion)
+    for b in batch_sizes:
+      pred = _predict_all(model, images, b)
+      fractions = np.bincount(pred.exit, minlength=net.num_exits) / len(labels)
+      expected = cost.expected(fractions, seg)
+      batches = _batches(images, b, batch1_samples if b == 1 else max_samples)
+      model.warmup([b])
+      seconds = timing.interleaved_medians(
+          {"baseline": lambda: [baseline(x) for x in batches],
+           "branchy": lambda: [model.predict(x) for x in batches]},
+          repeats=repeats, warmup=1)
+      n = len(batches) * b
+      row = {
+          "network": net.name, "dataset": config.dataset, "split": "test", "device": _device(),
+          "batch_size": b, "criterion": criterion, "thresholds": choice["thresholds"],
+          "exit_fractions": [float(f) for f in fractions],
+          "baseline": {"accuracy": base_accuracy, "ms_per_sample": 1e3 * seconds["baseline"] / n,
+                       "flops_per_sample": full_flops},
+          "branchy": {"accuracy": float(np.mean(pred.label == labels)),
+                      "ms_per_sample": 1e3 * seconds["branchy"] / n,
+                      "expected_flops_per_sample": expected},
+          "speedup": seconds["baseline"] / seconds["branchy"],
+          "ideal_speedup": full_flops / expected,
+          "timing": {"samples_per_pass": n, "repeats": repeats, "statistic": "median pass"},
+      }
+      rows.append(row)
+      print(format_row(row), flush=True)
+    points += [{"label": f"{criterion}: chosen (validation)", "marker": "o",
+                "cost": choice["validation"]["expected_flops"],
+                "accuracy": choice["validation"]["accuracy"]},
+               {"label": f"{criterion}: cascade measured (test)", "marker": "*",
+                "cost": rows[-1]["branchy"]["expected_flops_per_sample"],
+                "accuracy": rows[-1]["branchy"]["accuracy"]}]
+
+  _write_json(os.path.join(workdir, "thresholds.json"), chosen)
+  results = {"rows": rows}
+  _write_json(os.path.join(workdir, "benchmark.json"), results)
+  first = criteria_names[0]
+  grid = selection.candidates(val, first, "accuracy_drop", 200)
+  plots.accuracy_vs_cost(
+      selection.screen(val, first, chosen[first]["segment_flops"], grid),
+      full_flops, chosen[first]["validation"]["last_exit_accuracy"], points,
+      os.path.join(workdir, "accuracy_vs_cost.png"),
+      title=f"{net.name} on {config.dataset}: accuracy vs cost ({first} thresholds)")
+  return results
+
+
+def _predict_all(model: cascade.Cascade, images: np.ndarray, batch_size: int) -> cascade.Prediction:
+  parts = [model.predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+  return cascade.Prediction(*(np.concatenate(p) for p in zip(*parts)))
+
+
+def _write_json(path: str, obj) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2)
+
+
+HEADER = (f"{'device':<12} {'network':<10} {'batch':>5} {'criterion':<9} {'acc %':>6} "
+          f"{'ms/sample':>10} {'gain':>6} {'ideal':>6}  thresholds / exit %")
+
+
+def format_row(row: dict) -> str:
+  """Two Table-1 lines (baseline, then BranchyNet) for one benchmark row."""
+  base, br = row["baseline"], row["branchy"]
+  dev = row["device"].split(":")[0]
+  main = f"{dev:<12} {'main path':<10} {row['batch_size']:>5} {'-':<9} " \
+         f"{100 * base['accuracy']:>6.2f} {base['ms_per_sample']:>10.4f}"
+  thresholds = ", ".join(f"{t:.4g}" for t in row["thresholds"])
+  exits = ", ".join(f"{100 * f:.1f}" for f in row["exit_fractions"])
+  branchy = f"{dev:<12} {row['network']:<10} {row['batch_size']:>5} {row['criterion']:<9} " \
+            f"{100 * br['accuracy']:>6.2f} {br['ms_per_sample']:>10.4f} " \
+            f"{row['speedup']:>5.2f}x {row['ideal_speedup']:>5.2f}x  T={thresholds} / {exits}"
+  return main + "\n" + branchy

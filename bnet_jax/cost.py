@@ -1,0 +1,56 @@
+"""Inference cost from XLA's own cost analysis of the compiled stage programs.
+
+Each exit segment (the trunk stages since the previous exit, the exit head and the
+criterion) is compiled on its own, exactly as the cascade runs it, and XLA's FLOP
+count is read from the compiled program; nothing is counted by hand. XLA does not
+count multiply-adds over zero padding, so these figures sit below textbook counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnet_jax import nets
+from bnet_jax.cascade import segment_fn
+
+
+def compiled_flops(fn: Callable, *args) -> float:
+  """FLOPs of `fn(*args)` as counted by XLA for the compiled program."""
+  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # Older jaxlibs return one dict per device.
+    analysis = analysis[0]
+  return float(analysis["flops"])
+
+
+def segment_flops(net: nets.Network, variables: nets.Variables, criterion: str = "entropy",
+                  batch_size: int = 1) -> list[float]:
+  """Per-sample FLOPs of each exit segment, in exit order: E floats."""
+  h = jnp.zeros((batch_size, *net.input_shape), jnp.float32)
+  flops = []
+  for k in range(net.num_exits):
+    fn = segment_fn(net, k, criterion)
+    flops.append(compiled_flops(fn, variables, h) / batch_size)
+    h = jax.eval_shape(fn, variables, h)[0]
+    h = jnp.zeros(h.shape, h.dtype)
+  return flops
+
+
+def main_path_flops(net: nets.Network, variables: nets.Variables, batch_size: int = 1) -> float:
+  """Per-sample FLOPs of the plain network (every trunk stage + the main head + argmax)."""
+  x = jnp.zeros((batch_size, *net.input_shape), jnp.float32)
+  fn = lambda v, x: jnp.argmax(nets.main_logits(net, v, x), -1)
+  return compiled_flops(fn, variables, x) / batch_size
+
+
+def cumulative(segment_costs: Sequence[float]) -> np.ndarray:
+  """Cost of leaving at each exit: (E,) running sums of the segment costs."""
+  return np.cumsum(np.asarray(segment_costs, np.float64))
+
+
+def expected(exit_fractions: Sequence[float], segment_costs: Sequence[float]) -> float:
+  """Mean per-sample cost when the given fractions leave at each exit."""
+  return float(np.dot(np.asarray(exit_fractions, np.float64), cumulative(segment_costs)))

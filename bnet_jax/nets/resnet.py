@@ -1,0 +1,180 @@
+"""B-ResNet (3 exits) and ResNet of depth 6n+2 for 32x32x3 images, as in the authors' code.
+
+Trunk: stem conv 3->16 3x3 pad 0 (32 -> 30), BN, ReLU -> n residual blocks at 16
+channels (30x30) -> n blocks at 32 (the first with stride 2: 30 -> 15) -> n blocks at
+64 (the first with stride 2: 15 -> 8) -> 6x6 stride-1 average pool (8 -> 3) ->
+exit 3 = FC 576->10 (3x3x64, the code's size). Depth 110 is n = 18.
+
+Residual block: conv 3x3 pad 1 (stride s) + BN + ReLU, conv 3x3 pad 1 + BN, add the
+shortcut, ReLU. When the block changes shape the shortcut is "option A": the input
+subsampled by s (stride-s 1x1 pick) with zero channels prepended, as the code's
+``concat((zeros, x))``. Convolutions have biases and He-normal kernels (Chainer's
+``wscale=sqrt(2)``); BatchNorm: momentum 0.9, epsilon 1e-5, batch statistics in
+training, running statistics in evaluation.
+
+Exits (``placement``):
+
+- ``"code"`` (default): exit 1 after the stem (before the first block).
+- ``"paper"``: exit 1 after the 2nd conv layer. A residual block's inner conv output
+  is not a point one can branch at without cutting the block from its shortcut, so
+  exit 1 follows the first residual block (whose first conv is the 2nd conv layer);
+  the later version of the authors' code branches at the same point. The 16-channel
+  stage then has n - 1 blocks before exit 2, so the depth is unchanged. All shapes
+  stay 30x30x16, so the FC sizes are the same as for "code".
+
+Exit 1: conv 16->64 5x5 pad 2, ReLU, LRN, conv 64->32 3x3 pad 1 + ReLU, conv 32->32
++ ReLU, FC 28800->10 (30x30x32). Exit 2 (after the 16-channel blocks): one residual
+block 16->16 and FC 14400->10 (30x30x16).
+Stage outputs: (30, 30, 16), (30, 30, 16), (576,).
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bnet_jax.nets import layers
+from bnet_jax.nets.core import Network, Stage
+from bnet_jax.nets.lrn import paper_lrn
+
+PLACEMENTS = ("code", "paper")
+STANDARD_DEPTHS = (20, 32, 44, 56, 110)
+
+_he_normal = nn.initializers.he_normal()
+
+
+def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+def _conv3x3(features: int, stride: int, name: str, impl: str) -> nn.Module:
+  if stride == 1:
+    return layers.Conv(features, 3, padding=1, impl=impl, kernel_init=_he_normal, name=name)
+  return nn.Conv(features, (3, 3), strides=stride, padding=1, kernel_init=_he_normal, name=name)
+
+
+def _flatten(x: jax.Array) -> jax.Array:
+  return x.reshape(x.shape[0], -1)
+
+
+class ResBlock(nn.Module):
+  """(B, H, W, C) -> (B, ceil(H / stride), ceil(W / stride), features)."""
+  features: int
+  stride: int = 1
+  conv_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    h = _conv3x3(self.features, self.stride, "conv1", self.conv_impl)(x)
+    h = nn.relu(_batch_norm(train, "bn1")(h))
+    h = _conv3x3(self.features, 1, "conv2", self.conv_impl)(h)
+    h = _batch_norm(train, "bn2")(h)
+    if x.shape != h.shape:  # Option A: subsample, prepend zero channels; no parameters.
+      x = x[:, ::self.stride, ::self.stride]
+      x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (self.features - x.shape[-1], 0)))
+    return nn.relu(h + x)
+
+
+class Trunk(nn.Module):
+  """A run of the trunk: optional stem, residual blocks, optional final pool.
+
+  Attributes:
+    stem: start with conv 3->16 3x3 pad 0 + BN + ReLU: (B, 32, 32, 3) -> (B, 30, 30, 16).
+    blocks: (features, stride) of each residual block, in order.
+    pool: end with the 6x6 stride-1 average pool and flatten: (B, 8, 8, 64) -> (B, 576).
+    conv_impl: implementation of the stride-1 convolutions (`layers.CONV_IMPLS`).
+  """
+  stem: bool
+  blocks: tuple[tuple[int, int], ...]
+  pool: bool
+  conv_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    if self.stem:
+      x = layers.Conv(16, 3, padding=0, impl=self.conv_impl, kernel_init=_he_normal,
+                      name="stem_conv")(x)
+      x = nn.relu(_batch_norm(train, "stem_bn")(x))
+    for i, (features, stride) in enumerate(self.blocks):
+      x = ResBlock(features, stride, self.conv_impl, name=f"block{i}")(x, train)
+    if self.pool:
+      x = _flatten(nn.avg_pool(x, (6, 6), strides=(1, 1)))
+    return x
+
+
+class Exit1(nn.Module):
+  """(B, 30, 30, 16) -> (B, 10): conv 5x5 64, ReLU, LRN, conv 32 + ReLU, conv 32 + ReLU, FC."""
+  conv_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = paper_lrn(nn.relu(layers.Conv(64, 5, padding=2, impl=self.conv_impl, name="conv1")(x)))
+    x = nn.relu(layers.Conv(32, 3, padding=1, impl=self.conv_impl, name="conv2")(x))
+    x = nn.relu(layers.Conv(32, 3, padding=1, impl=self.conv_impl, name="conv3")(x))
+    return nn.Dense(10, name="fc")(_flatten(x))
+
+
+class Exit2(nn.Module):
+  """(B, 30, 30, 16) -> (B, 10): one residual block 16->16, FC 14400->10."""
+  conv_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = ResBlock(16, 1, self.conv_impl, name="block")(x, train)
+    return nn.Dense(10, name="fc")(_flatten(x))
+
+
+class MainExit(nn.Module):
+  """(B, 576) -> (B, 10) logits."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    return nn.Dense(10, name="fc")(x)
+
+
+def blocks_per_stage(depth: int) -> int:
+  """n for a CIFAR ResNet of `depth` = 6n + 2 layers; a ValueError for other depths."""
+  if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+    raise ValueError(f"ResNet depth must be 6n + 2 with n >= 1 (8, 14, 20, ...; standard: "
+                     f"{STANDARD_DEPTHS}); got {depth!r}.")
+  return (depth - 2) // 6
+
+
+def _name(prefix: str, depth: int, placement: str) -> str:
+  return f"{prefix}{depth}" + ("" if placement == "code" else f"_{placement}")
+
+
+def b_resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla") -> Network:
+  """B-ResNet for CIFAR-10.
+
+  Args:
+    depth: 6n + 2 (110 as in the paper; 20, 32, 56 are standard smaller ones; 8 is
+      the smallest, handy in tests; "paper" placement needs 14 or more).
+    placement: "code" (exit 1 after the stem) or "paper" (after the first block).
+    conv_impl: implementation of the stride-1 convolutions (see `layers.CONV_IMPLS`).
+
+  Returns:
+    A 3-exit `Network` named "b_resnet{depth}" ("b_resnet{depth}_paper").
+  """
+  n = blocks_per_stage(depth)
+  if placement not in PLACEMENTS:
+    raise ValueError(f"Unknown placement {placement!r}; expected one of {PLACEMENTS}.")
+  if placement == "paper" and n < 2:
+    raise ValueError(f"placement='paper' needs depth >= 14 (a block before exit 1 and one "
+                     f"between the exits); got {depth}.")
+  first = 1 if placement == "paper" else 0  # Blocks at 16 channels before exit 1.
+  stage = lambda features: tuple((features, 2 if i == 0 and features > 16 else 1)
+                                 for i in range(n))
+  trunk = functools.partial(Trunk, conv_impl=conv_impl)
+  stages = (Stage(trunk(True, stage(16)[:first], False), Exit1(conv_impl)),
+            Stage(trunk(False, stage(16)[first:], False), Exit2(conv_impl)),
+            Stage(trunk(False, stage(32) + stage(64), True), MainExit()))
+  return Network(name=_name("b_resnet", depth, placement), stages=stages,
+                 input_shape=(32, 32, 3), num_classes=10)
+
+
+def resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla") -> Network:
+  """ResNet: B-ResNet's trunk and main exit, parameters named as in B-ResNet."""
+  return b_resnet(depth, placement, conv_impl).main_network(
+      name=_name("resnet", depth, placement))

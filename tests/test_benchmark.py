@@ -1,0 +1,74 @@
+"""Trained workdir -> cached exits -> threshold choice -> Table-1 benchmark, on mock data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from bnet_jax import benchmark, evaluate, train
+from conftest import REPO
+from test_train import MOCK_EXAMPLES, small_config
+
+ROW_KEYS = {"network", "dataset", "split", "device", "batch_size", "criterion", "thresholds",
+            "exit_fractions", "baseline", "branchy", "speedup", "ideal_speedup"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("w")
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    train.train_and_evaluate(small_config(), str(workdir))
+    evaluate.cache_exits(str(workdir), batch_size=128)
+  return str(workdir)
+
+
+def test_cached_exits_match_eval_json(trained):
+  with open(os.path.join(trained, "eval.json")) as f:
+    saved = json.load(f)
+  for split in ("validation", "test"):
+    cached = evaluate.load_exits(trained, split)
+    assert cached.logits.shape == (2, MOCK_EXAMPLES, 10)
+    assert cached.labels.shape == (MOCK_EXAMPLES,)
+    np.testing.assert_allclose(evaluate.accuracy_per_exit(cached.logits, cached.labels),
+                               saved[split]["accuracy_per_exit"], atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["accuracy_drop", "risk"])
+def test_benchmark_writes_rows_thresholds_and_plot(trained, rule):
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    results = benchmark.run(trained, [1, 3], ("entropy", "max_prob"), rule=rule, repeats=1,
+                            max_samples=12, batch1_samples=4)
+  with open(os.path.join(trained, "benchmark.json")) as f:
+    assert json.load(f) == results
+  rows = results["rows"]
+  assert [(r["criterion"], r["batch_size"]) for r in rows] == [
+      ("entropy", 1), ("entropy", 3), ("max_prob", 1), ("max_prob", 3)]
+  for row in rows:
+    assert ROW_KEYS <= set(row)
+    assert row["network"] == "b_lenet" and row["dataset"] == "mnist" and row["split"] == "test"
+    assert len(row["thresholds"]) == 1 and len(row["exit_fractions"]) == 2
+    assert sum(row["exit_fractions"]) == pytest.approx(1.0)
+    assert row["speedup"] > 0 and row["baseline"]["ms_per_sample"] > 0
+  with open(os.path.join(trained, "thresholds.json")) as f:
+    chosen = json.load(f)
+  for row in rows:
+    seg = chosen[row["criterion"]]["segment_flops"]
+    expected = row["branchy"]["expected_flops_per_sample"]
+    assert seg[0] <= expected <= sum(seg)  # Between everyone at exit 1 and nobody.
+    assert row["ideal_speedup"] == pytest.approx(row["baseline"]["flops_per_sample"] / expected)
+  assert set(chosen) == {"entropy", "max_prob"}
+  assert chosen["entropy"]["rule"] == rule
+  assert chosen["entropy"]["thresholds"] == rows[0]["thresholds"]
+  assert os.path.getsize(os.path.join(trained, "accuracy_vs_cost.png")) > 10_000
+
+
+def test_cli_without_cached_or_trained_model_explains(tmp_path):
+  for module in ("experiments.evaluate", "experiments.benchmark"):
+    proc = subprocess.run([sys.executable, "-m", module, f"--workdir={tmp_path}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "holds no trained model" in proc.stderr and "experiments.train" in proc.stderr

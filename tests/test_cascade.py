@@ -1,0 +1,313 @@
+"""Early-exit cascade: equal to the all-exits reference, bounded compilation, validation.
+
+DESIGN.md: XLA may round differently at different batch sizes, so a sample whose score
+at some exit lies within `BAND` of that exit's threshold may legitimately change exit.
+Comparisons are exact outside that band; samples inside it are counted and must be few.
+Thresholds sit midway across wide gaps between reference scores, so few samples are near.
+"""
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnet_jax import cascade, criteria, nets
+
+CRITERIA = ("entropy", "max_prob", "margin")
+BAND = 1e-4
+
+
+# ---- a small 3-exit network: a headless stage and BatchNorm in eval mode ----------
+
+class ConvStage(nn.Module):
+  """(B, 8, 8, 2) -> (B, 8, 8, 4)."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    return nn.relu(nn.Conv(4, (3, 3))(x))
+
+
+class BatchNormStage(nn.Module):
+  """(B, 8, 8, 4) -> (B, 4, 4, 6): conv, BatchNorm (running statistics unless train)."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(6, (3, 3))(x)
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    return nn.avg_pool(nn.relu(x), (2, 2), (2, 2))
+
+
+class DenseStage(nn.Module):
+  """(B, ...) -> (B, 16)."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    return nn.relu(nn.Dense(16)(x.reshape(x.shape[0], -1)))
+
+
+class Head(nn.Module):
+  """(B, ...) -> (B, 5) logits."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    return nn.Dense(5)(x.reshape(x.shape[0], -1))
+
+
+def tiny_network() -> nets.Network:
+  return nets.Network(
+      name="tiny",
+      stages=(nets.Stage(ConvStage(), Head()),
+              nets.Stage(BatchNormStage()),  # No head: part of exit 1's segment.
+              nets.Stage(DenseStage(), Head()),
+              nets.Stage(DenseStage(), Head())),
+      input_shape=(8, 8, 2), num_classes=5)
+
+
+def random_variables(net: nets.Network, seed: int) -> nets.Variables:
+  """Random variables of `net`'s shapes; numpy-drawn, since compiling Flax's
+  truncated-normal initialisers takes seconds per shape on these machines."""
+  shapes = jax.eval_shape(lambda key: nets.init(net, key), jax.random.key(0))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    if jax.tree_util.keystr(path).endswith("['var']"):  # BatchNorm variance: positive.
+      return jnp.asarray(rng.uniform(0.5, 2.0, s.shape), s.dtype)
+    fan_in = math.prod(s.shape[:-1]) if len(s.shape) > 1 else 1
+    # He scaling (biases: std sqrt 2): softmaxes neither near-uniform nor saturated.
+    return jnp.asarray(rng.normal(size=s.shape) * math.sqrt(2 / fan_in), s.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+class Case(NamedTuple):
+  """A network, its variables, 100 images and memoised reference outputs."""
+  net: nets.Network
+  variables: nets.Variables
+  x: np.ndarray
+  scores: dict  # criterion -> (E, 100) scores of every exit at batch 100.
+  cascades: dict  # (criterion, mode) -> a Cascade shared by the tests.
+
+  def all_scores(self, criterion: str) -> np.ndarray:
+    if criterion not in self.scores:
+      self.scores[criterion] = np.asarray(
+          cascade._all_exits(self.net, criterion, self.variables, jnp.asarray(self.x))[1])
+    return self.scores[criterion]
+
+  def cascade(self, criterion: str = "entropy", mode: str = "auto", buckets=None
+              ) -> cascade.Cascade:
+    key = (criterion, mode, buckets)
+    if key not in self.cascades:
+      self.cascades[key] = cascade.Cascade(
+          self.net, self.variables, [0.0] * (self.net.num_exits - 1), criterion=criterion,
+          latency_mode=mode, buckets=buckets)
+    return self.cascades[key]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Case:
+  net = tiny_network()
+  x = np.random.default_rng(6).normal(size=(100, 8, 8, 2)).astype(np.float32)
+  return Case(net, random_variables(net, 3), x, {}, {})
+
+
+@pytest.fixture(scope="module")
+def blenet() -> Case:
+  net = nets.get("b_lenet")
+  x = np.random.default_rng(1).normal(size=(100, 28, 28, 1)).astype(np.float32)
+  return Case(net, random_variables(net, 0), x, {}, {})
+
+
+# ---- helpers ------------------------------------------------------------------------
+
+def random_thresholds(scores, rng):
+  """E-1 thresholds, each midway across the widest gap between the sorted scores of its
+  exit in a random window of 10 (between the 20% and 80% quantiles)."""
+  out = []
+  for s in scores[:-1]:
+    s = np.sort(s)
+    i = rng.integers(len(s) // 5, 7 * len(s) // 10)
+    i += np.argmax(np.diff(s[i:i + 11]))
+    out.append(float((s[i] + s[i + 1]) / 2))
+  return out
+
+
+def assert_matches(pred, case, size, thresholds, criterion):
+  """Equality with `reference` on the first `size` images, computed at batch 100.
+
+  Exact except for samples within BAND of a threshold (counted: at most 1% + 1).
+  """
+  x = case.x
+  ref = cascade.reference(case.net, case.variables, x, thresholds, criterion)
+  scores = case.all_scores(criterion)[:, :size]
+  ref = cascade.Prediction(*(a[:size] for a in ref))
+  near = np.zeros(size, bool)
+  for k, t in enumerate(thresholds):
+    near |= (ref.exit >= k) & (np.abs(scores[k] - t) < BAND)
+  assert near.sum() <= 1 + 0.01 * size, f"{near.sum()} samples within {BAND} of a threshold"
+  far = ~near
+  np.testing.assert_array_equal(pred.exit[far], ref.exit[far])
+  np.testing.assert_array_equal(pred.label[far], ref.label[far])
+  np.testing.assert_allclose(pred.score[far], ref.score[far], atol=1e-5)
+  assert pred.label.dtype == pred.exit.dtype == np.int32 and pred.score.dtype == np.float32
+  return ref
+
+
+# ---- equality with the reference ---------------------------------------------------
+
+@pytest.mark.parametrize("criterion, sizes", [
+    ("entropy", (1, 2, 15, 16, 17, 31, 32, 33, 37, 100)),
+    ("max_prob", (1, 2, 17, 37, 100)),  # Fewer sizes: each bucket costs a compilation.
+    ("margin", (1, 2, 17, 37, 100))])
+def test_blenet_equals_reference(blenet, criterion, sizes):
+  cas = blenet.cascade(criterion)
+  rng = np.random.default_rng(0)
+  exits = []
+  for size in sizes:
+    t = random_thresholds(blenet.all_scores(criterion), rng)
+    exits.append(assert_matches(cas.predict(blenet.x[:size], t), blenet, size, t, criterion).exit)
+  assert 0.1 < np.mean(np.concatenate(exits) == 0) < 0.9  # Early and late exits mixed.
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_any_number_of_exits_equals_reference(tiny, criterion):
+  assert tiny.net.num_exits == 3
+  # Sparse buckets: with 3 exits every (bucket, smaller bucket) pair is a program.
+  cas = tiny.cascade(criterion, buckets=(1, 4, 16, 64))
+  rng = np.random.default_rng(1)
+  seen = set()
+  for size in (1, 3, 4, 5, 16, 17, 37, 64):
+    for _ in range(2):
+      t = random_thresholds(tiny.all_scores(criterion), rng)
+      ref = assert_matches(cas.predict(tiny.x[:size], t), tiny, size, t, criterion)
+      seen |= set(ref.exit.tolist())
+  assert seen == {0, 1, 2}
+
+
+@pytest.mark.parametrize("criterion, leave_all, leave_none", [
+    ("entropy", math.log(10) + 1, 0.0), ("max_prob", 0.0, 1.0), ("margin", -1.0, 1.0)])
+def test_everyone_or_no_one_exits_early(blenet, criterion, leave_all, leave_none):
+  cas = blenet.cascade(criterion)
+  for size in (1, 37, 100):
+    for t, exit_ in (([leave_all], 0), ([leave_none], 1)):
+      pred = cas.predict(blenet.x[:size], t)
+      np.testing.assert_array_equal(pred.exit, exit_)
+      assert_matches(pred, blenet, size, t, criterion)
+
+
+@pytest.mark.parametrize("mode", ["cond", "host"])
+def test_batch_one_is_identical_to_reference_at_batch_one(blenet, tiny, mode):
+  for case in (blenet, tiny):
+    cas = case.cascade("entropy", mode)
+    t = random_thresholds(case.all_scores("entropy"), np.random.default_rng(2))
+    for i in range(12):
+      pred = cas.predict(case.x[i:i + 1], t)
+      ref = cascade.reference(case.net, case.variables, case.x[i:i + 1], t)
+      np.testing.assert_array_equal(pred.exit, ref.exit)
+      np.testing.assert_array_equal(pred.label, ref.label)
+      np.testing.assert_allclose(pred.score, ref.score, atol=1e-5)  # Other programs.
+
+
+def test_chunks_buckets_and_parameters_as_arguments(tiny):
+  t = random_thresholds(tiny.all_scores("entropy"), np.random.default_rng(3))
+  for options in ({"chunk_size": 16, "buckets": (4, 16)}, {"buckets": (8, 24)},
+                  {"params_as_constants": False, "buckets": (2, 8, 32)}):
+    cas = cascade.Cascade(tiny.net, tiny.variables, t, **options)
+    for size in (1, 23, 37):
+      assert_matches(cas.predict(tiny.x[:size]), tiny, size, t, "entropy")
+
+
+def test_single_exit_network_is_its_main_path(blenet):
+  net = blenet.net.main_network()
+  want = np.argmax(nets.main_logits(net, blenet.variables, blenet.x[:5]), axis=-1)
+  for mode, x in (("cond", blenet.x[:1]), ("host", blenet.x[:5])):
+    pred = cascade.Cascade(net, blenet.variables, [], latency_mode=mode).predict(x)
+    np.testing.assert_array_equal(pred.exit, 0)
+    np.testing.assert_array_equal(pred.label, want[:len(x)])
+
+
+def test_segment_fns_compose_to_the_all_exits_pass(tiny):
+  out, _ = nets.forward(tiny.net, tiny.variables, tiny.x)
+  h = tiny.x
+  for k in range(tiny.net.num_exits):
+    h, logits, score = cascade.segment_fn(tiny.net, k, "margin")(tiny.variables, h)
+    np.testing.assert_allclose(logits, out.logits[k], atol=1e-5)
+    np.testing.assert_allclose(score, criteria.margin(out.logits[k]), atol=1e-5)
+
+
+# ---- compilation -------------------------------------------------------------------
+
+def test_warmup_compiles_a_bounded_set(tiny):
+  cas = cascade.Cascade(tiny.net, tiny.variables, [0.0, 0.0], latency_mode="host")
+  cas.warmup([5])
+  # Bucket 8 for exit 0; exits 1 and 2 at buckets 1, 2, 4, 8; gathers 8 -> each of
+  # those after exit 0, and every (b_in, b_out <= b_in) pair of them after exit 1.
+  assert cas.num_compiled == cas.num_traces == 1 + (4 + 4) + (10 + 4)
+
+
+def test_no_recompilation_after_warmup(tiny):
+  sizes = (1, 5, 12)
+  host = cascade.Cascade(tiny.net, tiny.variables, [0.0, 0.0], latency_mode="host", chunk_size=8)
+  cond = cascade.Cascade(tiny.net, tiny.variables, [0.0, 0.0], latency_mode="cond")
+  host.warmup(sizes)  # Chunks of 8 and 4 rows.
+  cond.warmup([1])
+  before = [(c.num_traces, c.num_compiled) for c in (host, cond)]
+  rng = np.random.default_rng(4)
+  for _ in range(10):
+    t = random_thresholds(tiny.all_scores("entropy"), rng)
+    t[rng.integers(2)] = float(rng.choice([0.0, 10.0, t[0]]))  # Extremes too.
+    for size in sizes:
+      host.predict(tiny.x[:size], t)
+    cond.predict(tiny.x[:1], t)
+  assert [(c.num_traces, c.num_compiled) for c in (host, cond)] == before
+  assert before[1] == (1, 1)
+
+
+# ---- validation --------------------------------------------------------------------
+
+@pytest.mark.parametrize("thresholds, match", [
+    ([0.5, 0.5], "2 exits, so it needs 1 threshold"),
+    ([], "needs 1 threshold"),
+    ([float("nan")], "NaN"),
+    ([-0.1], "negative"),
+])
+def test_bad_thresholds(blenet, thresholds, match):
+  with pytest.raises(ValueError, match=match):
+    cascade.Cascade(blenet.net, blenet.variables, thresholds)
+  with pytest.raises(ValueError, match=match):
+    cascade.reference(blenet.net, blenet.variables, blenet.x[:2], thresholds)
+  with pytest.raises(ValueError, match=match):
+    blenet.cascade().predict(blenet.x[:2], thresholds)
+
+
+def test_unknown_criterion(blenet):
+  with pytest.raises(ValueError, match="Unknown exit criterion 'top1'"):
+    cascade.Cascade(blenet.net, blenet.variables, [0.5], criterion="top1")
+  with pytest.raises(ValueError, match="Unknown exit criterion 'top1'"):
+    cascade.reference(blenet.net, blenet.variables, blenet.x[:2], [0.5], "top1")
+
+
+def test_negative_threshold_is_fine_for_max_prob(blenet):
+  pred = blenet.cascade("max_prob").predict(blenet.x[:2], [-0.5])
+  np.testing.assert_array_equal(pred.exit, 0)
+
+
+@pytest.mark.parametrize("images, match", [
+    (np.zeros((28, 28, 1), np.float32), "batch of images"),
+    (np.zeros((2, 32, 32, 1), np.float32), "28x28"),
+    (np.zeros((2, 28, 28, 3), np.float32), "channel"),
+    (np.zeros((2, 28, 28, 1), np.uint8), "float"),
+])
+def test_bad_images(blenet, images, match):
+  with pytest.raises(ValueError, match=match):
+    blenet.cascade().predict(images)
+
+
+def test_bad_options(blenet):
+  with pytest.raises(ValueError, match="latency_mode"):
+    cascade.Cascade(blenet.net, blenet.variables, [0.5], latency_mode="fast")
+  with pytest.raises(ValueError, match="Buckets"):
+    cascade.Cascade(blenet.net, blenet.variables, [0.5], buckets=[0, 4])

@@ -1,0 +1,38 @@
+"""Cost accounting from XLA's compiled stage programs."""
+
+import jax
+import numpy as np
+import pytest
+
+from bnet_jax import cascade, cost, nets
+
+
+@pytest.fixture(scope="module")
+def blenet():
+  net = nets.get("b_lenet")
+  return net, nets.init(net, jax.random.key(0))
+
+
+def test_segments_cover_every_stage_once(blenet):
+  net, _ = blenet
+  assert cascade.segments(net) == [(0,), (1,)]
+
+
+def test_blenet_flops_are_xlas_and_consistent(blenet):
+  net, variables = blenet
+  seg = cost.segment_flops(net, variables)
+  full = cost.main_path_flops(net, variables)
+  # PERF_NOTES (XLA's count, a plain-JAX B-LeNet): main path 1.61 M, exit 1 path 0.40 M.
+  assert 1.5e6 < full < 1.8e6 and 0.35e6 < seg[0] < 0.5e6
+  # Both exits' segments contain the whole main path plus exit 1's head.
+  assert sum(seg) > full
+  # Per-sample counts do not depend on the batch the program was compiled for.
+  np.testing.assert_allclose(cost.segment_flops(net, variables, batch_size=16), seg, rtol=0.01)
+  assert cost.compiled_flops(lambda v, x: x * 2.0, variables, np.zeros((1, 1000), np.float32)) == 1000
+
+
+def test_expected_cost_and_ideal_speedup():
+  seg = [400.0, 1400.0]
+  np.testing.assert_allclose(cost.cumulative(seg), [400.0, 1800.0])
+  assert cost.expected([0.94, 0.06], seg) == pytest.approx(0.94 * 400 + 0.06 * 1800)
+  assert cost.expected([0.0, 1.0], seg) == 1800.0

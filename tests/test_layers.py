@@ -1,0 +1,106 @@
+"""Every layer implementation against its plain reference, values and gradients."""
+
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from bnet_jax import runtime
+from bnet_jax.nets import layers
+
+# (batch, size, C_in, C_out, kernel, padding): B-LeNet's shapes, shrunk, and odd cases.
+CONV_CASES = [(2, 12, 1, 5, 5, 3), (2, 9, 5, 10, 3, 1), (1, 9, 10, 20, 5, 3), (2, 7, 3, 4, 3, 0)]
+
+
+def _reference_conv(kernel, bias, x, pad):
+  return lax.conv_general_dilated(x, kernel, (1, 1), [(pad, pad)] * 2,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+
+
+@pytest.fixture(scope="module", params=CONV_CASES, ids=str)
+def conv_case(request):
+  """Inputs, output cotangent, and the reference output and gradients of one case."""
+  b, size, cin, cout, k, pad = request.param
+  rng = np.random.default_rng(0)
+  kernel, bias, x = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                     for s in ((k, k, cin, cout), (cout,), (b, size, size, cin)))
+  ho = size + 2 * pad - k + 1
+  g = jnp.asarray(rng.standard_normal((b, ho, ho, cout)), jnp.float32)
+  loss = lambda kernel, bias, x: jnp.sum(_reference_conv(kernel, bias, x, pad) * g)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(kernel, bias, x)
+  return request.param, (kernel, bias, x), g, _reference_conv(kernel, bias, x, pad), grads
+
+
+@pytest.mark.parametrize("impl", layers.CONV_IMPLS)
+def test_conv_matches_lax(conv_case, impl):
+  (_, _, _, cout, k, pad), args, g, want, want_grads = conv_case
+  conv = layers.Conv(cout, k, padding=pad, impl=impl)
+  ours = lambda kernel, bias, x: conv.apply({"params": {"kernel": kernel, "bias": bias}}, x)
+  grad = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * g), (0, 1, 2)))
+  np.testing.assert_allclose(jax.jit(ours)(*args), want, atol=1e-5, rtol=1e-5)
+  for got, ref in zip(grad(*args), want_grads):
+    np.testing.assert_allclose(got, ref, atol=1e-4 * float(jnp.max(jnp.abs(ref))), rtol=1e-4)
+
+
+def _numpy_pool_ceil(x: np.ndarray, window: int) -> np.ndarray:
+  """Brute-force max over each window's covered pixels (Chainer's cover_all)."""
+  b, h, w, c = x.shape
+  ho, wo = -(-h // window), -(-w // window)
+  out = np.empty((b, ho, wo, c), x.dtype)
+  for i in range(ho):
+    for j in range(wo):
+      out[:, i, j] = x[:, i * window:(i + 1) * window, j * window:(j + 1) * window].max((1, 2))
+  return out
+
+
+def _reduce_window_pool(x: jax.Array, window: int) -> jax.Array:
+  """The previous implementation: `nn.max_pool` with -inf padding at the far edges."""
+  pads = tuple((0, -(-n // window) * window - n) for n in x.shape[1:3])
+  return nn.max_pool(x, (window, window), (window, window), padding=pads)
+
+
+@pytest.mark.parametrize("size,out", [(30, 15), (15, 8), (17, 9), (11, 6)])
+def test_max_pool_ceil_values_and_gradients(size, out):
+  rng = np.random.default_rng(size)
+  x = rng.standard_normal((2, size, size, 3)).astype(np.float32)
+  y = layers.max_pool_ceil(jnp.asarray(x), 2)
+  assert y.shape == (2, out, out, 3)
+  np.testing.assert_array_equal(y, _numpy_pool_ceil(x, 2))
+  g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  loss = lambda pool: lambda x: jnp.sum(nn.relu(pool(x, 2)) * g)
+  np.testing.assert_array_equal(jax.jit(jax.grad(loss(layers.max_pool_ceil)))(x),
+                                jax.grad(loss(_reduce_window_pool))(x))
+
+
+def test_max_pool_ceil_ties_route_to_first_maximum_like_reduce_window():
+  # Zero regions of real images make ties common; the gradient must match anyway.
+  x = jnp.asarray(np.random.default_rng(0).integers(0, 2, (2, 9, 9, 2)), jnp.float32)
+  loss = lambda pool: lambda x: jnp.sum(pool(x, 2) * jnp.arange(50.0).reshape(1, 5, 5, 2))
+  np.testing.assert_array_equal(jax.jit(jax.grad(loss(layers.max_pool_ceil)))(x),
+                                jax.grad(loss(_reduce_window_pool))(x))
+
+
+def test_runtime_flags_are_accepted():
+  # XLA aborts at start-up on a flag it does not know: run a tiny jit in a fresh process.
+  code = ("from bnet_jax import runtime; runtime.configure(); import os, jax, jax.numpy as jnp;"
+          "print(os.environ['XLA_FLAGS']); print(jax.jit(lambda x: x + 1)(jnp.ones(2)).sum())")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "XLA_FLAGS": ""})
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.split("\n")
+  assert all(f in lines[0] for f in runtime.XLA_FLAGS), lines[0]
+  assert lines[1] == "4.0"
+
+
+def test_configure_appends_to_user_flags_and_keeps_user_values(monkeypatch):
+  name = runtime.XLA_FLAGS[0].split("=")[0]
+  monkeypatch.setenv("XLA_FLAGS", f"--xla_dump_to=/tmp/x {name}=mine")
+  runtime.configure()
+  assert os.environ["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x", f"{name}=mine",
+                                             *runtime.XLA_FLAGS[1:]]

@@ -1,0 +1,66 @@
+"""Choosing thresholds for a model from cached outputs (validation in, test out)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from bnet_jax import criteria, selection
+from bnet_jax.evaluate import CachedExits
+
+
+def synthetic(n, seed):
+  """Two exits; exit 1 is right less often, and less confident when wrong."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 10, n)
+  logits = rng.normal(size=(2, n, 10)).astype(np.float32)
+  right = np.stack([rng.random(n) < 0.9, rng.random(n) < 0.99])
+  boost = np.where(right, rng.uniform(4, 9, (2, n)), 0.0)
+  logits[:, np.arange(n), labels] += boost
+  return CachedExits(logits, labels)
+
+
+def brute_force(cached, criterion, thresholds, costs):
+  scores = cached.scores(criterion)
+  exit_idx = np.full(scores.shape[1], scores.shape[0] - 1)
+  for k in reversed(range(len(thresholds))):
+    leave = np.asarray(criteria.exits(criterion, scores[k], thresholds[k]))
+    exit_idx = np.where(leave, k, exit_idx)
+  right = cached.correct()[exit_idx, np.arange(len(exit_idx))]
+  return right.mean(), np.mean(np.cumsum(costs)[exit_idx])
+
+
+@pytest.mark.parametrize("criterion", ["entropy", "max_prob", "margin"])
+@pytest.mark.parametrize("rule", selection.RULES)
+def test_choice_and_its_test_figures(criterion, rule):
+  val, test = synthetic(4000, 0), synthetic(4000, 1)
+  seg = [1.0, 3.0]
+  r = selection.choose(val, test, criterion, seg, rule=rule, epsilon=0.01, max_cost_fraction=0.6)
+  assert r["chosen_on"] == "validation" and r["criterion"] == criterion and r["rule"] == rule
+  acc_val, cost_val = brute_force(val, criterion, r["thresholds"], seg)
+  acc_test, cost_test = brute_force(test, criterion, r["thresholds"], seg)
+  assert r["validation"]["accuracy"] == pytest.approx(acc_val)
+  assert r["validation"]["expected_flops"] == pytest.approx(cost_val)
+  assert r["test"]["accuracy"] == pytest.approx(acc_test)
+  assert r["test"]["expected_flops"] == pytest.approx(cost_test)
+  last = r["validation"]["last_exit_accuracy"]
+  if rule == "accuracy_drop":
+    assert acc_val >= last - 0.01 - 1e-12
+  if rule == "budget":
+    assert cost_val <= 0.6 * 4.0 + 1e-12
+  assert cost_val < 4.0  # Every rule finds something cheaper than the full network here.
+
+
+def test_fixed_grid_spans_nobody_to_everybody():
+  g = selection.fixed_grid("entropy", 10, 20)
+  assert g[0] == 0.0 and g[-1] == np.inf and g[-2] == pytest.approx(math.log(10))
+  p = selection.fixed_grid("max_prob", 10, 20)
+  assert p[0] == np.inf and p[-1] == -np.inf
+
+
+def test_unknown_rule_and_criterion():
+  val = synthetic(100, 0)
+  with pytest.raises(ValueError, match="Unknown selection rule 'best'"):
+    selection.choose(val, val, "entropy", [1.0, 2.0], rule="best")
+  with pytest.raises(ValueError, match="Unknown exit criterion"):
+    selection.choose(val, val, "confidence", [1.0, 2.0])
