@@ -37,7 +37,7 @@ def conv_case(request):
   return request.param, (kernel, bias, x), g, _reference_conv(kernel, bias, x, pad), grads
 
 
-@pytest.mark.parametrize("impl", layers.CONV_IMPLS)
+@pytest.mark.parametrize("impl", [i for i in layers.CONV_IMPLS if i not in layers.PHASE_IMPLS])
 def test_conv_matches_lax(conv_case, impl):
   (_, _, _, cout, k, pad), args, g, want, want_grads = conv_case
   conv = layers.Conv(cout, k, padding=pad, impl=impl)
@@ -57,6 +57,26 @@ def _numpy_pool_ceil(x: np.ndarray, window: int) -> np.ndarray:
     for j in range(wo):
       out[:, i, j] = x[:, i * window:(i + 1) * window, j * window:(j + 1) * window].max((1, 2))
   return out
+
+
+@pytest.mark.parametrize("impl", ("shifted",) + layers.PHASE_IMPLS)
+@pytest.mark.parametrize("pool", [2, 3])
+def test_pooled_conv_matches_conv_then_numpy_pool(conv_case, impl, pool):
+  """Conv(pool=p) = lax conv, then ceil max pooling; odd sizes exercise the ragged edge."""
+  (_, _, _, cout, k, pad), (kernel, bias, x), _, want, _ = conv_case
+  conv = layers.Conv(cout, k, padding=pad, impl=impl, pool=pool)
+  variables = {"params": {"kernel": kernel, "bias": bias}}
+  got = jax.jit(conv.apply)(variables, x)
+  np.testing.assert_allclose(got, _numpy_pool_ceil(np.asarray(want), pool), atol=1e-5, rtol=1e-5)
+  g = jax.grad(lambda v: jnp.sum(conv.apply(v, x) ** 2))(variables)["params"]["kernel"]
+  ref = layers.Conv(cout, k, padding=pad, impl="xla", pool=pool)
+  want_g = jax.grad(lambda v: jnp.sum(ref.apply(v, x) ** 2))(variables)["params"]["kernel"]
+  np.testing.assert_allclose(g, want_g, atol=1e-3 * float(jnp.max(jnp.abs(want_g))), rtol=1e-4)
+
+
+def test_phase_impl_without_pool_is_refused():
+  with pytest.raises(ValueError, match="pool >= 2"):
+    layers.Conv(4, 3, impl="phase").init(jax.random.key(0), jnp.ones((1, 6, 6, 1)))
 
 
 def _reduce_window_pool(x: jax.Array, window: int) -> jax.Array:

@@ -11,6 +11,15 @@ implementation, so a checkpoint trained with one runs with another:
 - ``"xla_dotgrad"``, ``"shifted_dotgrad"``: as ``"xla"``/``"shifted"``, but the
   kernel gradient is k*k matmuls over shifted views (see `_kernel_grad`); the
   same forward pass, a faster backward pass.
+
+A convolution followed by max pooling (`Conv(..., pool=2)`) can also be computed
+*by pooling phase* (``"phase"``, ``"phase_im2col"``): the conv outputs that land in
+the same position of every pooling window are computed together from strided views
+of the input, and the pool is an elementwise max of those phases. Nothing of the
+full-resolution output is stored, and the channel axis is no longer a narrow inner
+loop of a reduction: B-LeNet's conv1 + pool ran 7x faster at batch 256 and 1.5x at
+batch 1 than "shifted" followed by `max_pool_ceil`. Use them for inference; their
+autodiff gradients are correct but not tuned.
 """
 
 import functools
@@ -19,9 +28,12 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-CONV_IMPLS = ("xla", "shifted", "im2col", "xla_dotgrad", "shifted_dotgrad")
+CONV_IMPLS = ("xla", "shifted", "im2col", "xla_dotgrad", "shifted_dotgrad", "phase",
+              "phase_im2col")
+PHASE_IMPLS = ("phase", "phase_im2col")
 
 
 def _patches(x: jax.Array, k: int, pad: int) -> list[jax.Array]:
@@ -91,14 +103,52 @@ _CONVS = {"xla": _xla_conv, "shifted": _shifted_conv,
           "shifted_dotgrad": _with_dot_kernel_grad(_shifted_conv)}
 
 
+def _phase_conv_pool(x: jax.Array, kernel: jax.Array, pad: int, pool: int,
+                     im2col: bool) -> jax.Array:
+  """`max_pool_ceil(_xla_conv(x, kernel, pad), pool)` computed by pooling phase.
+
+  Phase (a, c) holds the conv outputs at rows a, a + pool, ... and columns c,
+  c + pool, ...: for each kernel tap a strided view of the padded input. Positions
+  past the conv output (the ragged edge of ceil pooling) are -inf, so they never
+  win the max, exactly as in `max_pool_ceil`.
+  """
+  k, _, cin, cout = kernel.shape
+  b, h, w, _ = x.shape
+  ho, wo = h + 2 * pad - k + 1, w + 2 * pad - k + 1
+  po, qo = -(-ho // pool), -(-wo // pool)
+  # Enough zeros on the far edges for every phase to have po x qo positions.
+  xp = jnp.pad(x, ((0, 0), (pad, pad + po * pool - ho), (pad, pad + qo * pool - wo), (0, 0)))
+  taps = kernel.reshape(k * k, cin, cout)
+  best = None
+  for a in range(pool):
+    for c in range(pool):
+      views = [xp[:, a + i:a + i + pool * (po - 1) + 1:pool,
+                  c + j:c + j + pool * (qo - 1) + 1:pool, :] for i in range(k) for j in range(k)]
+      if im2col:
+        y = jnp.concatenate(views, axis=-1) @ kernel.reshape(k * k * cin, cout)
+      elif cin == 1:
+        y = sum(v * t[0] for v, t in zip(views, taps))
+      else:
+        y = sum(v @ t for v, t in zip(views, taps))
+      if a + pool * (po - 1) >= ho or c + pool * (qo - 1) >= wo:  # A ragged edge.
+        rows = a + pool * np.arange(po) < ho
+        cols = c + pool * np.arange(qo) < wo
+        valid = rows[:, None] & cols[None, :]
+        y = jnp.where(valid[None, :, :, None], y, -jnp.inf)
+      best = y if best is None else jnp.maximum(best, y)
+  return best
+
+
 class Conv(nn.Module):
-  """Stride-1 square convolution with symmetric zero padding.
+  """Stride-1 square convolution with symmetric zero padding, optionally max-pooled.
 
   Attributes:
     features: output channels.
     kernel_size: side of the square kernel.
     padding: zeros added on every side.
-    impl: one of `CONV_IMPLS`.
+    impl: one of `CONV_IMPLS`; the phase implementations need `pool` > 1.
+    pool: > 1: non-overlapping ceil-mode max pooling of this window after the
+      convolution (`max_pool_ceil`), fused with it in the phase implementations.
     kernel_init: initialiser of the (k, k, C_in, C_out) kernel.
     param_dtype: dtype of the kernel and bias, as in Flax's own layers.
   """
@@ -108,13 +158,19 @@ class Conv(nn.Module):
   impl: str = "xla"
   kernel_init: Callable = nn.initializers.lecun_normal()
   param_dtype: jnp.dtype = jnp.float32
+  pool: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """Maps (B, H, W, C_in) to (B, H + 2p - k + 1, W + 2p - k + 1, features)."""
+    """Maps (B, H, W, C_in) to (B, Ho, Wo, features), Ho = H + 2p - k + 1 (pooled: ceil(Ho / pool))."""
     k, cin = self.kernel_size, x.shape[-1]
     kernel = self.param("kernel", self.kernel_init, (k, k, cin, self.features), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    if self.impl in PHASE_IMPLS:
+      if self.pool < 2:
+        raise ValueError(f"Conv impl {self.impl!r} fuses a max pool: it needs pool >= 2.")
+      return _phase_conv_pool(x, kernel, self.padding, self.pool,
+                              self.impl == "phase_im2col") + bias
     if self.impl == "im2col":
       cols = jnp.concatenate(_patches(x, k, self.padding), axis=-1)
       y = cols @ kernel.reshape(k * k * cin, self.features)
@@ -122,7 +178,8 @@ class Conv(nn.Module):
       y = _CONVS[self.impl](x, kernel, self.padding)
     else:
       raise ValueError(f"Unknown conv impl {self.impl!r}; expected one of {CONV_IMPLS}.")
-    return y + bias
+    y = y + bias
+    return max_pool_ceil(y, self.pool) if self.pool > 1 else y
 
 
 def _pool_windows(x: jax.Array, window: int) -> jax.Array:

@@ -18,8 +18,10 @@ from bnet_jax.nets import layers
 from bnet_jax.nets.core import Network, Stage
 
 
-def _pool_relu(x: jax.Array) -> jax.Array:
-  return nn.relu(layers.max_pool_ceil(x, 2))
+def _conv_pool_relu(features: int, kernel: int, padding: int, impl: str, x: jax.Array
+                    ) -> jax.Array:
+  """Conv, ceil max pool 2, ReLU; the pool is fused into the phase implementations."""
+  return nn.relu(layers.Conv(features, kernel, padding=padding, impl=impl, pool=2)(x))
 
 
 class Stage1(nn.Module):
@@ -28,7 +30,7 @@ class Stage1(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    return _pool_relu(layers.Conv(5, 5, padding=3, impl=self.conv_impl)(x))
+    return _conv_pool_relu(5, 5, 3, self.conv_impl, x)
 
 
 class Exit1(nn.Module):
@@ -37,7 +39,7 @@ class Exit1(nn.Module):
 
   @nn.compact
   def __call__(self, h: jax.Array, train: bool = False) -> jax.Array:
-    h = _pool_relu(layers.Conv(10, 3, padding=1, impl=self.conv_impl)(h))
+    h = _conv_pool_relu(10, 3, 1, self.conv_impl, h)
     return nn.Dense(10)(h.reshape(h.shape[0], -1))
 
 
@@ -47,8 +49,8 @@ class Stage2(nn.Module):
 
   @nn.compact
   def __call__(self, h: jax.Array, train: bool = False) -> jax.Array:
-    h = _pool_relu(layers.Conv(10, 5, padding=3, impl=self.conv_impl)(h))
-    h = _pool_relu(layers.Conv(20, 5, padding=3, impl=self.conv_impl)(h))
+    h = _conv_pool_relu(10, 5, 3, self.conv_impl, h)
+    h = _conv_pool_relu(20, 5, 3, self.conv_impl, h)
     return nn.Dense(84)(h.reshape(h.shape[0], -1))
 
 
@@ -60,7 +62,8 @@ class MainExit(nn.Module):
     return nn.Dense(10)(h)
 
 
-def b_lenet(conv1_impl: str = "xla", conv_impl: str = "xla_dotgrad") -> Network:
+def b_lenet(conv1_impl: str = "xla", conv_impl: str = "xla_dotgrad",
+            exit_conv_impl: str | None = None) -> Network:
   """B-LeNet for MNIST-sized input.
 
   The defaults are the fastest for training at batch 512 on CPU. For inference
@@ -70,11 +73,12 @@ def b_lenet(conv1_impl: str = "xla", conv_impl: str = "xla_dotgrad") -> Network:
   Args:
     conv1_impl: implementation of the one-input-channel first convolution (see
       `layers.CONV_IMPLS`).
-    conv_impl: implementation of the other convolutions.
+    conv_impl: implementation of the other trunk convolutions.
+    exit_conv_impl: implementation of exit 1's convolution (default: `conv_impl`).
   """
   return Network(
       name="b_lenet",
-      stages=(Stage(Stage1(conv1_impl), Exit1(conv_impl)),
+      stages=(Stage(Stage1(conv1_impl), Exit1(exit_conv_impl or conv_impl)),
               Stage(Stage2(conv_impl), MainExit())),
       input_shape=(28, 28, 1),
       num_classes=10)

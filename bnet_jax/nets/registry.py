@@ -14,6 +14,20 @@ _REGISTRY: dict[str, Callable[..., Network]] = {
     "resnet": resnet.resnet,
 }
 
+# Layer implementations for inference (same parameters as training). B-LeNet's were
+# measured with `experiments.benchmark` runs: conv1 + pool computed by pooling
+# phase was 7x faster at batch 256 than XLA's 1-channel convolution, and XLA's own
+# convolution beat im2col and shifted forms for the wider layers at batch 1 and 256.
+_INFERENCE_OPTIONS: dict[str, dict[str, str]] = {
+    "b_lenet": {"conv1_impl": "phase", "conv_impl": "xla", "exit_conv_impl": "xla"},
+    "lenet": {"conv1_impl": "phase", "conv_impl": "xla"},
+}
+
+
+def inference_options(name: str) -> dict[str, str]:
+  """The fastest known layer options for inference with network `name` (may be empty)."""
+  return dict(_INFERENCE_OPTIONS.get(name, {}))
+
 
 def names() -> list[str]:
   """Registered network names."""
