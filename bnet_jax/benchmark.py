@@ -61,12 +61,15 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
     repeats: timed passes per variant.
     max_samples: test samples per timed pass (batched).
     batch1_samples: test samples per timed pass at batch size 1.
-    model_options: layer implementations for inference (parameters unchanged).
+    model_options: layer implementations for inference (parameters unchanged), for
+      baseline and cascade alike; None: `nets.inference_options` of the network.
 
   Returns:
     The benchmark.json contents.
   """
-  trained = checkpoint.load_trained(workdir, **(model_options or {}))
+  if model_options is None:
+    model_options = nets.inference_options(checkpoint.read_config(workdir).model)
+  trained = checkpoint.load_trained(workdir, **model_options)
   net, variables, config = trained.net, trained.variables, trained.config
   if not all(os.path.exists(evaluate.exits_path(workdir, s)) for s in ("validation", "test")):
     evaluate.cache_exits(workdir)
@@ -108,7 +111,9 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
                       "expected_flops_per_sample": expected},
           "speedup": seconds["baseline"] / seconds["branchy"],
           "ideal_speedup": full_flops / expected,
-          "timing": {"samples_per_pass": n, "repeats": repeats, "statistic": "median pass"},
+          "timing": {"samples_per_pass": n, "repeats": repeats, "statistic": "median pass",
+                     "model_options": model_options,
+                     "async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch"))},
       }
       rows.append(row)
       print(format_row(row), flush=True)

@@ -24,11 +24,14 @@ of programs and makes recompilation impossible once warmed up (`warmup`). Per se
    the next stage. When nobody left and the bucket is unchanged the gather is the
    identity and is skipped; when c = 0 the batch is done.
 
-Large batches run in chunks of `chunk_size` rows, 256 by default: stage-1 activations
-of a 2048 batch overflow the L3 cache, and a smaller top bucket means fewer programs
-to compile (chunked and whole 2048 batches timed alike within noise here). Chunks
-advance together, segment by segment, so the device computes one chunk while the
-host reads another's record.
+Large batches run in chunks of `chunk_size` rows, 2048 by default, which bounds the
+top bucket (so the programs to compile and the padding of an odd-sized batch). Fewer,
+larger chunks are faster while activations fit the cache: the few samples that
+continue then form one larger, more efficient batch for the later segments. With
+B-LeNet's pooled-conv layers (`nets.inference_options`) a 2048 batch ran at 25-30 us
+per sample unchunked against 34-37 us in chunks of 256 (2 shared CPU cores,
+2026-11-24). Chunks advance together, segment by segment, so the device computes one
+chunk while the host reads another's record.
 
 Batch-1 path. A batch of one is latency-bound: per-call dispatch and host reads
 dominate. ``latency_mode="cond"`` runs one program with nested `lax.cond` between
@@ -39,6 +42,12 @@ and a read of its record between them). ``"auto"`` picks "cond": on B-LeNet at b
 0.33-0.51 ms for "host" in the same runs (2 shared CPU cores, 2026-11-23); the host
 path pays Python bookkeeping per stage, and a second dispatch and read for every
 sample that continues.
+
+On a mesh (``mesh=``, see `parallel`) every program is compiled with shardings: each
+stage's bucket-sized batch is split over the mesh's data axis (buckets are multiples
+of the device count), variables are replicated, and the record and order come back
+replicated, so the host logic above is unchanged; XLA gathers the rows a prefix
+program selects across devices. Decisions equal one device's (DESIGN.md on rounding).
 
 Parameters are closed over as compile-time constants by default: passing B-LeNet's
 14-array pytree costs about 3.5 us per call. Thresholds are always a runtime argument,
@@ -58,11 +67,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh
 
-from bnet_jax import criteria, nets
+from bnet_jax import criteria, nets, parallel
 
 LATENCY_MODES = ("auto", "cond", "host")
-DEFAULT_CHUNK_SIZE = 256
+DEFAULT_CHUNK_SIZE = 2048
 
 
 class Prediction(NamedTuple):
@@ -192,19 +202,39 @@ class Cascade:
     latency_mode: batch-1 strategy: "cond", "host" or "auto" (the faster, "cond").
     params_as_constants: compile parameters into the programs (faster dispatch; one
       cascade per set of variables) instead of passing them on every call.
+    mesh: split every stage's batch over this mesh's data axis (None: one device).
+      Buckets must be multiples of its device count D (default: D times powers of
+      two, up to the first that holds `chunk_size`, or 2**20 rows without chunks);
+      batch 1 takes the batched path
+      (latency_mode "host"). With several processes, each calls `predict` with the
+      same images and gets the whole result.
   """
 
   def __init__(self, net: nets.Network, variables: nets.Variables,
                thresholds: Sequence[float], *, criterion: str = "entropy",
                buckets: Iterable[int] | None = None,
                chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-               latency_mode: str = "auto", params_as_constants: bool = True):
+               latency_mode: str = "auto", params_as_constants: bool = True,
+               mesh: Mesh | None = None):
     if latency_mode not in LATENCY_MODES:
       raise ValueError(f"Unknown latency_mode {latency_mode!r}; expected one of {LATENCY_MODES}.")
     self.net = net
     self.criterion = criterion
     self.thresholds = check_thresholds(net, thresholds, criterion)
     self.latency_mode = "cond" if latency_mode == "auto" else latency_mode
+    self._mesh = mesh
+    self._rows = self._whole = None  # Shardings of batch-sized and whole arrays (mesh only).
+    if mesh is not None:
+      d = mesh.size
+      if buckets is None:
+        top = -(-(chunk_size or 1 << 20) // d)
+        buckets = [d << i for i in range(_next_pow2(top).bit_length())]
+      elif any(int(b) % d for b in buckets):
+        raise ValueError(f"On a mesh of {d} devices every bucket must be a multiple of {d}; "
+                         f"got {sorted(buckets)}. Pass multiples of {d}, or buckets=None.")
+      self.latency_mode = "host"
+      self._rows, self._whole = parallel.data_sharding(mesh), parallel.replicated(mesh)
+      variables = parallel.replicate(variables, mesh)
     if buckets is not None:
       self._buckets = tuple(sorted({int(b) for b in buckets}))
       if not self._buckets or self._buckets[0] < 1:
@@ -293,28 +323,32 @@ class Cascade:
 
   # ---- programs -------------------------------------------------------------------
 
-  def _compile(self, key: tuple, fn: Callable, *specs: Any) -> Any:
-    """Compiles `fn(variables, *args)` once per key, ahead of time."""
+  def _compile(self, key: tuple, fn: Callable, *specs: Any, out_shardings: Any = None) -> Any:
+    """Compiles `fn(variables, *args)` once per key, ahead of time.
+
+    On a mesh, `specs` carry the input shardings and `out_shardings` the outputs'.
+    """
     prog = self._programs.get(key)
     if prog is None:
       def traced(*args):
         self.num_traces += 1
         return fn(*args)
+      options = {} if self._mesh is None else {"out_shardings": out_shardings}
       if self._constants:
         v = self._variables
-        prog = jax.jit(lambda *args: traced(v, *args)).lower(*specs).compile()
+        prog = jax.jit(lambda *args: traced(v, *args), **options).lower(*specs).compile()
       else:
-        compiled = jax.jit(traced).lower(self._variables, *specs).compile()
+        compiled = jax.jit(traced, **options).lower(self._variables, *specs).compile()
         prog = lambda *args: compiled(self._variables, *args)  # noqa: E731
       self._programs[key] = prog
     return prog
 
   def _spec(self, k: int, b: int) -> jax.ShapeDtypeStruct:
     s = self._in_specs[k]
-    return jax.ShapeDtypeStruct((b, *s.shape[1:]), s.dtype)
+    return jax.ShapeDtypeStruct((b, *s.shape[1:]), s.dtype, sharding=self._rows)
 
   def _t_spec(self) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct((self.net.num_exits - 1,), jnp.float32)
+    return jax.ShapeDtypeStruct((self.net.num_exits - 1,), jnp.float32, sharding=self._whole)
 
   def _stage_program(self, k: int, b: int) -> Any:
     """(h (b, ...), pos (b,), n, T (E-1,)) -> (h_next, order (b,), record (4, b)).
@@ -335,9 +369,11 @@ class Cascade:
       order = jnp.argsort(jnp.where(cont, 0, 1), stable=True).astype(jnp.int32)
       return h, order, record
 
-    idx = jax.ShapeDtypeStruct((b,), jnp.int32)
+    idx = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=self._rows)
+    rows, whole = self._rows, self._whole
     return self._compile(("stage", k, b), stage, self._spec(k, b), idx,
-                         jax.ShapeDtypeStruct((), jnp.int32), self._t_spec())
+                         jax.ShapeDtypeStruct((), jnp.int32, sharding=whole), self._t_spec(),
+                         out_shardings=whole if last else (rows, whole, whole))
 
   def _prefix_program(self, k: int, b_in: int, b_out: int) -> Any:
     """(h, order, record) of segment k at b_in -> its first b_out rows in `order`: (h, pos)."""
@@ -346,10 +382,13 @@ class Cascade:
       idx = order[:b_out]
       return h[idx], record[0, idx]
 
-    spec_h = jax.eval_shape(self._segments[k], self._variables, self._spec(k, b_in))[0]
-    return self._compile(("prefix", k, b_in, b_out), prefix, spec_h,
-                         jax.ShapeDtypeStruct((b_in,), jnp.int32),
-                         jax.ShapeDtypeStruct((4, b_in), jnp.int32))
+    h = jax.eval_shape(self._segments[k], self._variables, self._spec(k, b_in))[0]
+    rows, whole = self._rows, self._whole
+    return self._compile(("prefix", k, b_in, b_out), prefix,
+                         jax.ShapeDtypeStruct(h.shape, h.dtype, sharding=rows),
+                         jax.ShapeDtypeStruct((b_in,), jnp.int32, sharding=whole),
+                         jax.ShapeDtypeStruct((4, b_in), jnp.int32, sharding=whole),
+                         out_shardings=(rows, rows))
 
   def _cond_program(self) -> Any:
     """(x (1, H, W, C), T (E-1,)) -> (3, 1) int32: label, exit, score bits; one program."""
@@ -377,7 +416,10 @@ class Cascade:
       h = x[rows.start:rows.stop]
       if b > n:
         h = np.concatenate([h, np.zeros((b - n, *h.shape[1:]), h.dtype)])
-      groups.append(_Group(h, np.arange(rows.start, rows.start + b, dtype=np.int32), n, b))
+      pos = np.arange(rows.start, rows.start + b, dtype=np.int32)
+      if self._mesh is not None:  # Every process holds the whole chunk: each puts its rows.
+        h, pos = parallel.put(h, self._rows), parallel.put(pos, self._rows)
+      groups.append(_Group(h, pos, n, b))
     size = x.shape[0]
     label, exit_, score = (np.zeros(size, np.int32), np.zeros(size, np.int32),
                            np.zeros(size, np.float32))

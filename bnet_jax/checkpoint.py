@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bnet_jax import nets
 
@@ -34,8 +35,9 @@ def record(model: str, dataset: str, params: Any) -> dict:
 def manager(workdir: str, *, max_to_keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
   """A CheckpointManager over ``workdir/checkpoints`` keeping the last `max_to_keep`."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+  handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options)
+                               options=options, item_handlers=handlers)
 
 
 def latest_step(workdir: str) -> int | None:
@@ -100,29 +102,48 @@ class Trained(NamedTuple):
   step: int
 
 
-def load_trained(workdir: str, **model_options: Any) -> Trained:
+def _untrained(workdir: str) -> str:
+  return (f"{workdir} holds no trained model (config.json and checkpoints/). Train one "
+          f"first: python -m experiments.train --config=experiments/configs/lenet_mnist.py:tuned "
+          f"--workdir={workdir}")
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (its config.json)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(_untrained(workdir))
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_trained(workdir: str, *, mesh: Mesh | None = None, **model_options: Any) -> Trained:
   """The config, network and eval-mode variables of `workdir`'s newest checkpoint.
 
   Args:
     workdir: a directory written by `experiments.train`.
+    mesh: restore every array replicated on this mesh (needed with several
+      processes); None: on this process's first device. Either way the
+      checkpoint may come from another device count.
     **model_options: override the config's model options (e.g. a layer
       implementation for inference); parameters are unchanged by these.
 
   Raises:
     FileNotFoundError: no config.json or no checkpoint in `workdir`.
   """
-  path = os.path.join(workdir, "config.json")
+  config = read_config(workdir)
   step = latest_step(workdir)
-  if not os.path.exists(path) or step is None:
-    raise FileNotFoundError(
-        f"{workdir} holds no trained model (config.json and checkpoints/). Train one first: "
-        f"python -m experiments.train --config=experiments/configs/lenet_mnist.py:tuned "
-        f"--workdir={workdir}")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  if step is None:
+    raise FileNotFoundError(_untrained(workdir))
   net = nets.get(config.model, **{**config.model_options.to_dict(), **model_options})
+  sharding = (jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) if mesh is None
+              else NamedSharding(mesh, PartitionSpec()))
   with manager(workdir, create=False) as mngr:
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    # A target, not the saved shardings: those name devices that may not exist here.
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                          mngr.item_metadata(step)["state"].tree)
+    state = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
   abstract = jax.eval_shape(lambda: nets.init(net, jax.random.key(0)))["params"]
   if record(net.name, "", state["params"]) != record(net.name, "", abstract):
     raise CheckpointMismatchError(f"The checkpoint in {workdir} does not fit {net.name}.")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -42,9 +42,18 @@ DATASETS: dict[str, DatasetSpec] = {
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """A split in host memory: images (N, H, W, C) uint8, labels (N,) int32."""
+  """A split, or one process's contiguous part of it, in host memory.
+
+  Attributes:
+    images: (N, H, W, C) uint8 (float32 once preprocessed).
+    labels: (N,) int32.
+    offset: index of the first row in the whole split (0 unless a part).
+    total: size of the whole split (None: these rows are the whole split).
+  """
   images: np.ndarray
   labels: np.ndarray
+  offset: int = 0
+  total: int | None = None
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -90,8 +99,8 @@ def _source(dataset: str, split: str, data_dir: str, download: bool):
 
 
 def load(dataset: str, split: str, data_dir: str | None = None, *,
-         download: bool = False) -> Split:
-  """Reads a whole TFDS split into memory.
+         download: bool = False, shard: tuple[int, int] = (0, 1)) -> Split:
+  """Reads a TFDS split, or one contiguous part of it, into memory.
 
   Args:
     dataset: a key of `DATASETS`.
@@ -99,30 +108,48 @@ def load(dataset: str, split: str, data_dir: str | None = None, *,
     data_dir: TFDS data directory (see `resolve_data_dir`).
     download: download and prepare the dataset if it is missing (needs internet
       and TensorFlow).
+    shard: (index, count): read only rows ``[index * N // count, (index + 1) * N //
+      count)`` of the split's N, e.g. (process index, process count) so that each
+      host reads only its own part. Records are read by index from the
+      array_record files; nothing else is decoded.
 
   Returns:
-    The split's images (N, H, W, C) uint8 and labels (N,) int32.
+    The rows' images (n, H, W, C) uint8 and labels (n,) int32, with their `offset`
+    in the split and the split's `total` size N.
   """
   spec(dataset)
+  index, count = shard
+  if not 0 <= index < count:
+    raise ValueError(f"shard must be (index, count) with 0 <= index < count; got {shard}.")
   source = _source(dataset, split, resolve_data_dir(data_dir), download)
+  total = len(source)
+  rows = range(index * total // count, (index + 1) * total // count)
   try:
-    examples = source.__getitems__(range(len(source)))  # Batched read: about 2x faster.
+    examples = source.__getitems__(rows)  # Batched read: about 2x faster.
   except TypeError:  # tfds.testing.mock_data's __getitems__ is not bound to its source.
-    examples = [source[i] for i in range(len(source))]
+    examples = [source[i] for i in rows]
   images = np.stack([e["image"] for e in examples]).astype(np.uint8)
-  return Split(images, np.array([e["label"] for e in examples], np.int32))
+  return Split(images, np.array([e["label"] for e in examples], np.int32), rows.start, total)
 
 
 def load_splits(dataset: str, num_validation: int, data_dir: str | None = None, *,
-                download: bool = False) -> dict[str, Split]:
-  """Train (minus the held-out tail), validation (the tail) and test splits."""
+                download: bool = False, train_shard: tuple[int, int] = (0, 1),
+                only: Sequence[str] | None = None) -> dict[str, Split]:
+  """Train (minus the held-out tail), validation (the tail) and test splits.
+
+  `train_shard` = (index, count) reads only that part of the train split (see
+  `load`); validation and test are always read whole. `only` names the splits to
+  read (default: all three; evaluation need not decode the train split).
+  """
   if num_validation < 0:
     raise ValueError(f"num_validation must be >= 0; got {num_validation}.")
   train = "train" if num_validation == 0 else f"train[:-{num_validation}]"
   names = {"train": train, "test": "test"}
   if num_validation:
     names["validation"] = f"train[-{num_validation}:]"
-  return {k: load(dataset, s, data_dir, download=download) for k, s in names.items()}
+  return {k: load(dataset, s, data_dir, download=download,
+                  shard=train_shard if k == "train" else (0, 1))
+          for k, s in names.items() if only is None or k in only}
 
 
 def preprocess(dataset: str, images: np.ndarray) -> np.ndarray:
@@ -141,20 +168,34 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-def train_batches(split: Split, batch_size: int, seed: int, start_step: int = 0
+def train_batches(split: Split, batch_size: int, seed: int, start_step: int = 0,
+                  steps_per_epoch: int | None = None
                   ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
   """Yields (step, images, labels) from `start_step` on, forever.
 
   Step s of an epoch takes the s-th slice of that epoch's permutation; the last
   partial batch of every epoch is dropped, so every batch has `batch_size` rows.
+
+  A part of a split (`Split.offset`, `Split.total`: one process's rows) takes its
+  rows in the order they appear in the whole split's (seed, epoch) permutation: the
+  parts of all processes together follow one permutation, and a part that is the
+  whole split gives exactly the unsharded order. Parts may differ in size by a row,
+  so every process must pass the same `steps_per_epoch` (default
+  ``len(split) // batch_size``).
   """
-  steps_per_epoch = len(split) // batch_size
+  steps_per_epoch = steps_per_epoch or len(split) // batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"batch_size {batch_size} exceeds the {len(split)} training examples.")
+  if steps_per_epoch * batch_size > len(split):
+    raise ValueError(f"{steps_per_epoch} steps per epoch of batch_size {batch_size} exceed "
+                     f"the {len(split)} training examples of this part of the split.")
+  total = len(split) if split.total is None else split.total
   step = start_step
   while True:
     epoch, i = divmod(step, steps_per_epoch)
-    order = epoch_permutation(len(split), seed, epoch)
+    order = epoch_permutation(total, seed, epoch)
+    if total != len(split):
+      order = order[(order >= split.offset) & (order < split.offset + len(split))] - split.offset
     for i in range(i, steps_per_epoch):
       idx = order[i * batch_size:(i + 1) * batch_size]
       yield step, split.images[idx], split.labels[idx]

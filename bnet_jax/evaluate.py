@@ -1,48 +1,99 @@
-"""The all-exits pass over a whole split, in fixed-size batches."""
+"""The all-exits pass over a whole split in fixed-size batches, and its cache on disk.
+
+Batches are data-parallel over a device mesh (`parallel.make_mesh`; default: this
+process's first device). The split is padded to whole global batches, so one
+compiled program serves every batch; padding rows are masked out of the counts and
+cut from the outputs, so results are exact and equal to one device's. In a
+multi-process run every process passes the same whole split and runs the same
+batches, feeding only its own devices' rows of each; every process gets the results.
+"""
 
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from scipy import special
 
-from bnet_jax import nets
+from bnet_jax import checkpoint, criteria, data, nets, parallel, progress
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_eval(net: nets.Network, variables: nets.Variables, x: jax.Array) -> nets.Outputs:
-  return nets.forward(net, variables, x)[0]
+@functools.lru_cache(maxsize=None)
+def _programs(net: nets.Network, mesh: Mesh) -> tuple[Callable, Callable]:
+  """The jitted all-exits pass and per-exit correct counts, data-parallel over `mesh`."""
+  rows, replicated = parallel.data_sharding(mesh), parallel.replicated(mesh)
+
+  def outputs(variables, x):
+    return nets.forward(net, variables, x)[0]
+
+  def correct(variables, x, labels, mask):
+    logits = nets.forward(net, variables, x)[0].logits
+    hit = (jnp.argmax(logits, -1) == labels[None]) & mask[None]
+    return jnp.sum(hit, axis=1, dtype=jnp.int32)
+
+  return (jax.jit(outputs, in_shardings=(replicated, rows),
+                  out_shardings=parallel.data_sharding(mesh, axis=1)),
+          jax.jit(correct, in_shardings=(replicated, rows, rows, rows),
+                  out_shardings=replicated))
+
+
+def _padded_batches(n: int, batch_size: int, mesh: Mesh, progress_desc: str | None
+                    ) -> tuple[int, Iterable[int]]:
+  """The global batch (at most `batch_size`, rounded up to a multiple of the mesh's
+  device count) and the start row of each batch."""
+  d = mesh.size
+  batch_size = -(-max(1, min(batch_size, n)) // d) * d
+  starts = range(0, n, batch_size)
+  if progress_desc is not None:
+    starts = progress.bar(starts, desc=progress_desc, unit="batch")
+  return batch_size, starts
+
+
+def _pad(x: np.ndarray, rows: int) -> np.ndarray:
+  """`x` with zero rows appended up to `rows`."""
+  return np.concatenate([x, np.zeros((rows - len(x), *x.shape[1:]), x.dtype)])
 
 
 def all_exits(net: nets.Network, variables: nets.Variables, images: np.ndarray,
-              batch_size: int = 1000) -> nets.Outputs:
+              batch_size: int = 1000, progress_desc: str | None = None,
+              mesh: Mesh | None = None) -> nets.Outputs:
   """Every exit's logits and entropies for a whole split, as numpy arrays.
 
-  The split is cut into batches of exactly `batch_size` (the last padded), so one
-  compiled program serves every batch.
+  The split is cut into global batches of exactly `batch_size` rows (rounded up to a
+  multiple of the mesh's device count; the last batch padded), so one compiled
+  program serves every batch.
 
   Args:
     net: the network.
     variables: its variables.
-    images: (N, H, W, C) float images, preprocessed.
-    batch_size: rows per compiled call.
+    images: (N, H, W, C) float images, preprocessed; the same on every process.
+    batch_size: rows per compiled call, over all devices.
+    progress_desc: label of a progress bar over the batches (None: no bar).
+    mesh: devices to split each batch over (None: this process's first device).
 
   Returns:
-    `Outputs` with logits (E, N, C) and entropy (E, N), numpy.
+    `Outputs` with logits (E, N, C) and entropy (E, N), numpy, on every process.
   """
   nets.check_images(net, images)
-  n = len(images)
-  batch_size = min(batch_size, n)
+  mesh = mesh or parallel.make_mesh(jax.local_devices()[:1])
+  forward = _programs(net, mesh)[0]
+  variables = parallel.replicate(variables, mesh)
+  rows = parallel.data_sharding(mesh)
+  batch_size, starts = _padded_batches(len(images), batch_size, mesh, progress_desc)
   chunks = []
-  for start in range(0, n, batch_size):
+  for start in starts:
     x = images[start:start + batch_size]
-    rows = len(x)
-    if rows < batch_size:
-      x = np.concatenate([x, np.zeros((batch_size - rows, *x.shape[1:]), x.dtype)])
-    out = _forward_eval(net, variables, jnp.asarray(x))
-    chunks.append(jax.tree.map(lambda a: np.asarray(a)[:, :rows], out))
+    out = forward(variables, parallel.put(_pad(x, batch_size), rows))
+    chunks.append([parallel.fetch(a)[:, :len(x)] for a in out])
+  if not chunks:
+    e, c = net.num_exits, net.num_classes
+    return nets.Outputs(np.zeros((e, 0, c), np.float32), np.zeros((e, 0), np.float32))
   return nets.Outputs(*(np.concatenate(parts, axis=1) for parts in zip(*chunks)))
 
 
@@ -51,8 +102,100 @@ def accuracy_per_exit(logits: np.ndarray, labels: np.ndarray) -> list[float]:
   return [float(a) for a in np.mean(np.argmax(logits, -1) == labels[None], axis=1)]
 
 
+def loss_per_exit(logits: np.ndarray, labels: np.ndarray) -> list[float]:
+  """Mean softmax cross-entropy (nats) per exit: (E, N, C), (N,) -> E floats."""
+  logp = special.log_softmax(np.asarray(logits, np.float64), axis=-1)
+  picked = np.take_along_axis(logp, np.asarray(labels)[None, :, None], axis=-1)[..., 0]
+  return [float(v) for v in -picked.mean(axis=1)]
+
+
+def correct_per_exit(net: nets.Network, variables: nets.Variables, images: np.ndarray,
+                     labels: np.ndarray, batch_size: int = 1000, mesh: Mesh | None = None
+                     ) -> np.ndarray:
+  """How many of the split's examples each exit classifies correctly: (E,) int64.
+
+  Counted on the devices: padding rows carry mask 0, so the counts are exact and
+  nothing but E integers per batch returns to the host. Arguments as in `all_exits`,
+  with labels (N,) int.
+  """
+  nets.check_images(net, images)
+  mesh = mesh or parallel.make_mesh(jax.local_devices()[:1])
+  count = _programs(net, mesh)[1]
+  variables = parallel.replicate(variables, mesh)
+  rows = parallel.data_sharding(mesh)
+  batch_size, starts = _padded_batches(len(images), batch_size, mesh, None)
+  total = np.zeros(net.num_exits, np.int64)
+  for start in starts:
+    x, y = images[start:start + batch_size], np.asarray(labels[start:start + batch_size])
+    mask = np.arange(batch_size) < len(x)
+    total += parallel.fetch(count(variables, parallel.put(_pad(x, batch_size), rows),
+                                  parallel.put(_pad(y.astype(np.int32), batch_size), rows),
+                                  parallel.put(mask, rows)))
+  return total
+
+
 def evaluate_split(net: nets.Network, variables: nets.Variables, images: np.ndarray,
-                   labels: np.ndarray, batch_size: int = 1000) -> dict:
-  """``{"num_examples": N, "accuracy_per_exit": [...]}`` of one split."""
-  out = all_exits(net, variables, images, batch_size)
-  return {"num_examples": int(len(labels)), "accuracy_per_exit": accuracy_per_exit(out.logits, labels)}
+                   labels: np.ndarray, batch_size: int = 1000, mesh: Mesh | None = None) -> dict:
+  """``{"num_examples": N, "accuracy_per_exit": [...]}`` of one split (see `correct_per_exit`)."""
+  n = len(labels)
+  correct = correct_per_exit(net, variables, images, labels, batch_size, mesh)
+  return {"num_examples": int(n), "accuracy_per_exit": [float(c / n) for c in correct]}
+
+
+def exits_path(workdir: str, split: str) -> str:
+  """Where `cache_exits` stores a split's per-exit outputs."""
+  return os.path.join(workdir, f"exits_{split}.npz")
+
+
+def cache_exits(workdir: str, splits: Sequence[str] = ("validation", "test"),
+                batch_size: int = 1000, mesh: Mesh | None = None) -> dict[str, str]:
+  """Runs the all-exits pass of `workdir`'s model once per split and saves it.
+
+  Writes ``workdir/exits_{split}.npz`` with ``logits`` (E, N, C) float32,
+  ``labels`` (N,) int32 and ``step`` (the checkpoint used). Screening, selection
+  and the benchmark's accuracy figures read these instead of rerunning the network.
+  With several processes, all of them compute and process 0 writes.
+
+  Returns:
+    The written paths by split.
+  """
+  trained = checkpoint.load_trained(workdir, mesh=mesh)
+  c = trained.config
+  loaded = data.load_splits(c.dataset, c.num_validation, c.data_dir or None, download=c.download,
+                            only=splits)
+  paths = {}
+  for split in splits:
+    if split not in loaded:
+      raise ValueError(f"Split {split!r} is not available (num_validation={c.num_validation}).")
+    images = data.preprocess(c.dataset, loaded[split].images)
+    out = all_exits(trained.net, trained.variables, images, batch_size,
+                    progress_desc=f"all exits: {split}", mesh=mesh)
+    paths[split] = exits_path(workdir, split)
+    if jax.process_index() == 0:
+      np.savez(paths[split], logits=out.logits.astype(np.float32),
+               labels=loaded[split].labels, step=trained.step)
+  return paths
+
+
+class CachedExits(NamedTuple):
+  """A split's cached all-exits outputs: logits (E, N, C), labels (N,)."""
+  logits: np.ndarray
+  labels: np.ndarray
+
+  def scores(self, criterion: str) -> np.ndarray:
+    """(E, N) confidence scores under `criterion`."""
+    return np.asarray(criteria.get(criterion)(jnp.asarray(self.logits)))
+
+  def correct(self) -> np.ndarray:
+    """(E, N) whether each exit's argmax is the label."""
+    return np.argmax(self.logits, -1) == self.labels[None]
+
+
+def load_exits(workdir: str, split: str) -> CachedExits:
+  """Reads what `cache_exits` wrote; a FileNotFoundError says how to make it."""
+  path = exits_path(workdir, split)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: run python -m experiments.evaluate "
+                            f"--workdir={workdir}")
+  with np.load(path) as f:
+    return CachedExits(f["logits"], f["labels"])

@@ -33,6 +33,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import special, stats
 
+from bnet_jax import progress
+
 # Most (threshold rows x samples) booleans held at once; bounds the working memory of
 # `evaluate_thresholds` to a few tens of MB whatever the grid and split sizes.
 _CHUNK_ELEMENTS = 1 << 21
@@ -243,7 +245,8 @@ def _exit_counts(scores: np.ndarray, correct: np.ndarray, thresholds: np.ndarray
   counts = np.zeros((len(thresholds), n_exits), np.int64)
   right = np.zeros(len(thresholds), np.int64)
   rows = max(1, _CHUNK_ELEMENTS // n_samples)
-  for g0 in range(0, len(prefixes), rows):
+  chunks = range(0, len(prefixes), rows)
+  for g0 in progress.bar(chunks, desc="screening", unit="chunk", leave=False, min_total=2):
     g1 = min(g0 + rows, len(prefixes))
     still, prefix_counts, prefix_right = _prefix_exits(
         scores[:pivot], correct[:pivot], prefixes[g0:g1], higher_is_confident)

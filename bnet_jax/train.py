@@ -25,7 +25,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from bnet_jax import checkpoint, data, evaluate, losses, nets
+from jax.sharding import Mesh
+
+from bnet_jax import augment, checkpoint, data, evaluate, losses, nets, parallel, progress, summary
 
 
 @flax.struct.dataclass
@@ -57,10 +59,9 @@ class Phase:
   def end_step(self) -> int:
     return self.first_step + self.num_steps
 
-  @property
-  def trainable(self) -> list[str]:
-    """Modules whose parameters this phase updates."""
-    return nets.module_names(self.net)
+  def trainable(self, params: dict) -> dict:
+    """The part of `params` this phase updates (modules without parameters skipped)."""
+    return {k: params[k] for k in nets.module_names(self.net) if k in params}
 
 
 def validate_config(config: ml_collections.ConfigDict, net: nets.Network) -> None:
@@ -81,51 +82,61 @@ def validate_config(config: ml_collections.ConfigDict, net: nets.Network) -> Non
   need(config.weight_decay >= 0, "weight_decay must be >= 0.")
   need(config.lr_schedule in ("constant", "cosine"),
        f"lr_schedule must be 'constant' or 'cosine'; got {config.lr_schedule!r}.")
-  need(config.augment in ("none", "shift"),
-       f"augment must be 'none' or 'shift'; got {config.augment!r}.")
+  augment.get(config.augment)
+  need(config.optimizer in ("adam", "sgd"),
+       f"optimizer must be 'adam' or 'sgd'; got {config.optimizer!r}.")
   data.spec(config.dataset)
   need(tuple(net.input_shape) == data.spec(config.dataset).image_shape,
        f"{net.name} takes {net.input_shape} images but {config.dataset} has "
        f"{data.spec(config.dataset).image_shape}.")
 
 
-def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-  """Adam (AdamW with weight decay) with a constant or warmup-cosine learning rate."""
-  lr = config.learning_rate
+def learning_rate(config: ml_collections.ConfigDict, num_steps: int) -> float | optax.Schedule:
+  """The phase's learning rate: a constant, or a warmup-cosine function of the phase's step."""
   if config.lr_schedule == "cosine":
     warmup = min(config.warmup_steps, max(num_steps - 1, 0))
-    lr = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(num_steps, 1))
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup,
+                                              max(num_steps, 1))
+  return config.learning_rate
+
+
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+  """The phase's optimizer, with a constant or warmup-cosine learning rate.
+
+  Adam (AdamW when `weight_decay` > 0), or Nesterov SGD with L2 weight decay added
+  to the gradient (the usual ResNet recipe).
+  """
+  lr = learning_rate(config, num_steps)
+  if config.optimizer == "sgd":
+    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                       optax.sgd(lr, momentum=config.momentum, nesterov=True))
   if config.weight_decay:
     return optax.adamw(lr, config.beta1, config.beta2, weight_decay=config.weight_decay)
   return optax.adam(lr, config.beta1, config.beta2)
 
 
-def random_shift(images: jax.Array, rng: jax.Array, max_shift: int) -> jax.Array:
-  """Translates each image by up to `max_shift` pixels, filling with zeros: (B,H,W,C)."""
-  b, h, w, _ = images.shape
-  padded = jnp.pad(images, ((0, 0), (max_shift,) * 2, (max_shift,) * 2, (0, 0)))
-  offsets = jax.random.randint(rng, (b, 2), 0, 2 * max_shift + 1)
-  crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))
-  return jax.vmap(crop)(padded, offsets)
-
-
-def make_train_step(phase: Phase, tx: optax.GradientTransformation, augment: str = "none",
-                    max_shift: int = 2) -> Callable:
+def make_train_step(phase: Phase, tx: optax.GradientTransformation, augmentation: str = "none",
+                    max_shift: int = 2, mesh: Mesh | None = None) -> Callable:
   """The jitted pure step ``(state, batch, rng) -> (state, metrics)`` of `phase`.
 
   `batch` is ``{"image": (B, H, W, C) float32, "label": (B,) int32}``; `rng` is the
   run's base key, into which the step is folded. The state's buffers are donated.
   Metrics: ``loss`` (scalar), ``loss_per_exit`` and ``accuracy_per_exit`` (E,).
+
+  With a `mesh`, the step is data-parallel: the batch is split over the mesh's data
+  axis (`parallel.shard_batch`), state, key and metrics are replicated
+  (`parallel.replicate`), and XLA all-reduces the gradients. Random draws
+  (augmentation, dropout) do not depend on the number of devices.
   """
   weights = jnp.asarray(phase.loss_weights, jnp.float32)
-  trainable = phase.trainable
+  augment_fn = augment.get(augmentation)
 
   def step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(rng, state.step)
     aug_key, dropout_key = jax.random.split(rng)
     images = batch["image"]
-    if augment == "shift":
-      images = random_shift(images, aug_key, max_shift)
+    if augment_fn is not None:
+      images = augment_fn(images, aug_key, max_shift)
 
     def loss_fn(train_params):
       variables = {"params": {**state.params, **train_params}, **state.model_state}
@@ -133,7 +144,7 @@ def make_train_step(phase: Phase, tx: optax.GradientTransformation, augment: str
       loss, per_exit = losses.joint_cross_entropy(out.logits, batch["label"], weights)
       return loss, (per_exit, out.logits, updates)
 
-    train_params = {k: state.params[k] for k in trainable}
+    train_params = phase.trainable(state.params)
     (loss, (per_exit, logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         train_params)
     deltas, opt_state = tx.update(grads, state.opt_state, train_params)
@@ -145,7 +156,11 @@ def make_train_step(phase: Phase, tx: optax.GradientTransformation, augment: str
                               opt_state=opt_state)
     return new_state, {"loss": loss, "loss_per_exit": per_exit, "accuracy_per_exit": accuracy}
 
-  return jax.jit(step, donate_argnums=0)
+  if mesh is None:
+    return jax.jit(step, donate_argnums=0)
+  replicated = parallel.replicated(mesh)
+  return jax.jit(step, in_shardings=(replicated, parallel.data_sharding(mesh), replicated),
+                 out_shardings=replicated, donate_argnums=0)
 
 
 def make_phases(config: ml_collections.ConfigDict, net: nets.Network,
@@ -171,11 +186,12 @@ def _fresh_state(phase: Phase, tx: optax.GradientTransformation, variables: nets
   params = variables["params"]
   return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
                     model_state={k: v for k, v in variables.items() if k != "params"},
-                    opt_state=tx.init({k: params[k] for k in phase.trainable}))
+                    opt_state=tx.init(phase.trainable(params)))
 
 
 def _report(line: str) -> None:
-  print(line, flush=True)
+  if jax.process_index() == 0:  # One copy of each line in a multi-process run.
+    progress.write(line)
 
 
 def _fmt(values) -> str:
@@ -189,39 +205,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   (`config.halt_after_steps`), ends by writing ``workdir/eval.json``:
   ``{"validation": {"num_examples", "accuracy_per_exit"}, "test": {...}}``.
 
+  Data-parallel over every device of every process (`parallel.make_mesh`):
+  `config.batch_size` is the global batch and must be a multiple of the device
+  count. In a multi-process run (`parallel.initialize` first) every process calls
+  this with the same config and a `workdir` that all of them can reach; each reads
+  only its own part of the train split, and process 0 writes the JSON files.
+
   Returns:
     The contents of eval.json (empty if halted early).
   """
   net = nets.get(config.model, **config.model_options)
   validate_config(config, net)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh, "--config.batch_size")
   rng = jax.random.key(config.seed)
   variables = nets.init(net, jax.random.fold_in(rng, 0))
   identity = checkpoint.record(net.name, config.dataset, variables["params"])
   latest = checkpoint.check_compatible(workdir, identity)  # Before anything is written.
   splits = data.load_splits(config.dataset, config.num_validation, config.data_dir or None,
-                            download=config.download)
-  train_split = data.Split(data.preprocess(config.dataset, splits["train"].images),
-                           splits["train"].labels)
-  steps_per_epoch = len(train_split) // config.batch_size
+                            download=config.download,
+                            train_shard=(jax.process_index(), jax.process_count()))
+  train_split = dataclasses.replace(
+      splits["train"], images=data.preprocess(config.dataset, splits["train"].images))
+  steps_per_epoch = _steps_per_epoch(train_split, config.batch_size, mesh)
   phases = make_phases(config, net, steps_per_epoch)
   total_steps = phases[-1].end_step
 
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints)
   step = latest or 0
   if latest is not None:
     producer = _phase_at(phases, max(step - 1, 0))
-    state = checkpoint.restore(mngr, step, _fresh_state(
-        producer, make_optimizer(config, producer.num_steps), variables, step))
+    state = checkpoint.restore(mngr, step, parallel.replicate(_fresh_state(
+        producer, make_optimizer(config, producer.num_steps), variables, step), mesh))
     _report(f"Resumed from {workdir} at step {step}.")
   else:
     state = None
 
   halt = config.halt_after_steps if config.halt_after_steps > 0 else total_steps
   ckpt_every = max(config.checkpoint_every_epochs * steps_per_epoch, 1)
+  writer = summary.Writer(workdir, net.num_exits, step)
   try:
     for phase in phases:
       if step >= phase.end_step or step >= halt:
@@ -229,15 +256,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       tx = make_optimizer(config, phase.num_steps)
       if state is None or step == phase.first_step:  # A phase starts with a fresh optimizer.
         base = variables if state is None else {"params": state.params, **state.model_state}
-        state = _fresh_state(phase, tx, base, step)
-      state, step = _run_phase(config, phase, tx, state, train_split, splits, rng,
-                               mngr, identity, step, min(phase.end_step, halt), ckpt_every)
+        state = parallel.replicate(_fresh_state(phase, tx, base, step), mesh)
+      state, step = _run_phase(config, phase, tx, state, train_split, splits,
+                               parallel.replicate(rng, mesh), mngr, identity, step,
+                               min(phase.end_step, halt), ckpt_every, writer, mesh)
   except KeyboardInterrupt:
     if state is not None:
       _report(f"Interrupted: saving a checkpoint at step {step}.")
       checkpoint.save(mngr, step, state, identity)
     mngr.wait_until_finished()
     raise
+  finally:
+    writer.close()
   if state is not None and mngr.latest_step() != step:
     checkpoint.save(mngr, step, state, identity)
   mngr.wait_until_finished()
@@ -251,29 +281,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if name in splits:
       images = data.preprocess(config.dataset, splits[name].images)
       results[name] = evaluate.evaluate_split(net, final, images, splits[name].labels,
-                                              config.eval_batch_size)
+                                              config.eval_batch_size, mesh=mesh)
       _report(f"{name} accuracy per exit: {_fmt(results[name]['accuracy_per_exit'])}")
-  with open(os.path.join(workdir, "eval.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(results, f, indent=2)
   return results
 
 
+def _steps_per_epoch(train_split: data.Split, batch_size: int, mesh: Mesh) -> int:
+  """Global batches per epoch: what the smallest process's part of the split holds."""
+  total = len(train_split) if train_split.total is None else train_split.total
+  return total // jax.process_count() // parallel.local_batch_size(batch_size, mesh)
+
+
 def _run_phase(config, phase, tx, state, train_split, splits, rng, mngr, identity,
-               step, stop, ckpt_every):
-  """Runs `phase` from `step` to `stop`; returns (state, step)."""
-  train_step = make_train_step(phase, tx, config.augment, config.max_shift)
-  steps_per_epoch = len(train_split) // config.batch_size
+               step, stop, ckpt_every, writer, mesh):
+  """Runs `phase` from `step` to `stop`, logging each epoch to `writer`; returns (state, step)."""
+  train_step = make_train_step(phase, tx, config.augment, config.max_shift, mesh)
+  steps_per_epoch = _steps_per_epoch(train_split, config.batch_size, mesh)
   val = splits.get("validation")
   val_images = None if val is None else data.preprocess(config.dataset, val.images)
   _report(f"Phase {phase.name} ({phase.net.name}): steps {step}..{stop}, "
           f"{steps_per_epoch} per epoch.")
-  batches = data.train_batches(train_split, config.batch_size, config.seed, step)
+  batches = data.train_batches(train_split, parallel.local_batch_size(config.batch_size, mesh),
+                               config.seed, step, steps_per_epoch)
+  wait = parallel.wait_each_step()
+  lr = learning_rate(config, phase.num_steps)
+  bar = progress.bar(total=stop - step, desc=f"{phase.name} phase", unit="step")
   history, t0 = [], time.perf_counter()
   for step, images, labels in batches:
     if step >= stop:
       break
-    state, metrics = train_step(state, {"image": images, "label": labels}, rng)
+    batch = parallel.shard_batch({"image": images, "label": labels}, mesh)
+    state, metrics = train_step(state, batch, rng)
+    if wait:
+      jax.block_until_ready(metrics)
     history.append(metrics)
+    bar.update()
     done = step + 1
     if done % steps_per_epoch == 0 or done == stop:
       m = jax.tree.map(lambda *a: np.mean(np.stack(a), axis=0), *history)
@@ -281,13 +326,25 @@ def _run_phase(config, phase, tx, state, train_split, splits, rng, mngr, identit
       line = (f"[{phase.name}] epoch {done / steps_per_epoch:.2f} step {done}/{phase.end_step} "
               f"loss {float(m['loss']):.4f} | per exit: loss {_fmt(m['loss_per_exit'])} "
               f"train acc {_fmt(m['accuracy_per_exit'])}")
+      writer.scalar("train", "loss/total", m["loss"], done)
+      writer.per_exit("train", "loss", m["loss_per_exit"], done)
+      writer.per_exit("train", "accuracy", m["accuracy_per_exit"], done)
+      writer.scalar("train", "learning_rate",
+                    lr(done - 1 - phase.first_step) if callable(lr) else lr, done)
+      writer.scalar("train", "images_per_second", rate, done)
       if val_images is not None:
         variables = {"params": state.params, **state.model_state}
-        acc = evaluate.evaluate_split(phase.net, variables, val_images, val.labels,
-                                      config.eval_batch_size)["accuracy_per_exit"]
+        logits = evaluate.all_exits(phase.net, variables, val_images,
+                                    config.eval_batch_size, mesh=mesh).logits
+        acc = evaluate.accuracy_per_exit(logits, val.labels)
+        writer.per_exit("validation", "loss", evaluate.loss_per_exit(logits, val.labels), done)
+        writer.per_exit("validation", "accuracy", acc, done)
         line += f" val acc {_fmt(acc)}"
+      writer.flush()
+      bar.set_postfix(loss=f"{float(m['loss']):.4f}", refresh=False)
       _report(f"{line} | {rate:.0f} img/s")
       history, t0 = [], time.perf_counter()
     if done % ckpt_every == 0 or done == stop:
       checkpoint.save(mngr, done, state, identity)
+  bar.close()
   return state, stop

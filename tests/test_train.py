@@ -68,9 +68,10 @@ def test_main_phase_trains_only_the_main_network():
   config = small_config(beta1=0.9, learning_rate=3e-3)
   net = nets.get("b_lenet")
   phase = train.make_phases(config, net, 4)[0]
-  assert phase.name == "main" and phase.trainable == ["trunk_0", "trunk_1", "head_1"]
-  tx = train.make_optimizer(config, phase.num_steps)
   variables = nets.init(net, jax.random.key(0))
+  assert phase.name == "main"
+  assert list(phase.trainable(variables["params"])) == ["trunk_0", "trunk_1", "head_1"]
+  tx = train.make_optimizer(config, phase.num_steps)
   state = train._fresh_state(phase, tx, variables, 0)
   head0 = np.asarray(variables["params"]["head_0"]["Dense_0"]["kernel"])
   rng = np.random.default_rng(0)

@@ -1,0 +1,51 @@
+r"""Runs the all-exits pass of a trained workdir once and caches it.
+
+  python -m experiments.evaluate --workdir=W
+
+Writes W/exits_validation.npz and W/exits_test.npz (per-exit logits and labels),
+from which screening, selection and the benchmark's accuracy figures are computed
+without rerunning the network, and prints per-exit accuracy. Batches are
+data-parallel over every device; across hosts, add the flags of
+experiments/distributed.py on each host.
+"""
+
+import sys
+
+import jax
+from absl import app, flags, logging
+
+from bnet_jax import evaluate, parallel, runtime, tables
+from experiments import distributed
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A directory written by experiments.train.")
+_BATCH = flags.DEFINE_integer("batch_size", 1000,
+                              "Rows per compiled call over all devices (rounded up to a "
+                              "multiple of the device count).")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  runtime.configure()
+  distributed.initialize()
+  try:
+    paths = evaluate.cache_exits(_WORKDIR.value, batch_size=_BATCH.value,
+                                 mesh=parallel.make_mesh())
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if jax.process_index() != 0:  # Process 0 wrote the files.
+    return
+  results = {}
+  for split in paths:
+    cached = evaluate.load_exits(_WORKDIR.value, split)
+    results[split] = {"num_examples": len(cached.labels),
+                      "accuracy_per_exit": evaluate.accuracy_per_exit(cached.logits, cached.labels)}
+  print(tables.accuracy_table(results))
+  print(f"wrote {', '.join(paths.values())}")
+
+
+if __name__ == "__main__":
+  app.run(main)
