@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,16 +43,21 @@ def _programs(net: nets.Network, mesh: Mesh) -> tuple[Callable, Callable]:
                   out_shardings=replicated))
 
 
-def _padded_batches(n: int, batch_size: int, mesh: Mesh, progress_desc: str | None
-                    ) -> tuple[int, Iterable[int]]:
-  """The global batch (at most `batch_size`, rounded up to a multiple of the mesh's
-  device count) and the start row of each batch."""
-  d = mesh.size
+def _prepare(net: nets.Network, variables: nets.Variables, images: np.ndarray,
+             batch_size: int, mesh: Mesh | None, progress_desc: str | None
+             ) -> tuple[tuple[Callable, Callable], nets.Variables, Any, int, Iterable[int]]:
+  """What a pass over `images` needs: the programs, the replicated variables, the
+  row sharding, the global batch (at most `batch_size`, rounded up to a multiple of
+  the mesh's device count) and the start row of each batch."""
+  nets.check_images(net, images)
+  mesh = mesh or parallel.make_mesh(jax.local_devices()[:1])
+  n, d = len(images), mesh.size
   batch_size = -(-max(1, min(batch_size, n)) // d) * d
   starts = range(0, n, batch_size)
   if progress_desc is not None:
     starts = progress.bar(starts, desc=progress_desc, unit="batch")
-  return batch_size, starts
+  return (_programs(net, mesh), parallel.replicate(variables, mesh),
+          parallel.data_sharding(mesh), batch_size, starts)
 
 
 def _pad(x: np.ndarray, rows: int) -> np.ndarray:
@@ -80,12 +85,8 @@ def all_exits(net: nets.Network, variables: nets.Variables, images: np.ndarray,
   Returns:
     `Outputs` with logits (E, N, C) and entropy (E, N), numpy, on every process.
   """
-  nets.check_images(net, images)
-  mesh = mesh or parallel.make_mesh(jax.local_devices()[:1])
-  forward = _programs(net, mesh)[0]
-  variables = parallel.replicate(variables, mesh)
-  rows = parallel.data_sharding(mesh)
-  batch_size, starts = _padded_batches(len(images), batch_size, mesh, progress_desc)
+  (forward, _), variables, rows, batch_size, starts = _prepare(
+      net, variables, images, batch_size, mesh, progress_desc)
   chunks = []
   for start in starts:
     x = images[start:start + batch_size]
@@ -118,12 +119,8 @@ def correct_per_exit(net: nets.Network, variables: nets.Variables, images: np.nd
   nothing but E integers per batch returns to the host. Arguments as in `all_exits`,
   with labels (N,) int.
   """
-  nets.check_images(net, images)
-  mesh = mesh or parallel.make_mesh(jax.local_devices()[:1])
-  count = _programs(net, mesh)[1]
-  variables = parallel.replicate(variables, mesh)
-  rows = parallel.data_sharding(mesh)
-  batch_size, starts = _padded_batches(len(images), batch_size, mesh, None)
+  (_, count), variables, rows, batch_size, starts = _prepare(
+      net, variables, images, batch_size, mesh, None)
   total = np.zeros(net.num_exits, np.int64)
   for start in starts:
     x, y = images[start:start + batch_size], np.asarray(labels[start:start + batch_size])

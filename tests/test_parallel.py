@@ -232,17 +232,10 @@ def test_two_processes_train_resume_and_evaluate_like_one(two, eight):
 # ---- workers (run in subprocesses) ------------------------------------------------------
 
 def small_config(**overrides):
-  """test_train.py's small config: 2 x 4 steps of 256 on mock data."""
-  from experiments.configs import lenet_mnist
+  """test_train.py's small config (2 x 4 steps of 256 on mock data), with random shifts."""
+  import test_train
 
-  c = lenet_mnist.get_config("smoke")
-  c.num_validation = 256
-  c.data_dir = "/nonexistent-under-mock"
-  c.download = False
-  c.eval_batch_size = 128
-  c.augment = "shift"
-  c.update(overrides)
-  return c
+  return test_train.small_config(**{"augment": "shift", **overrides})
 
 
 def _params_vector(params) -> np.ndarray:

@@ -28,40 +28,20 @@ Every field can be overridden, e.g. ``--config.batch_size=128``.
 
 import ml_collections
 
+from experiments.configs import common
+
 CIFAR10_TRAIN = 50_000
 
 
 def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
   """The config of `variant` ('paper', 'modern' or 'smoke')."""
-  c = ml_collections.ConfigDict()
-  c.model = "b_resnet"
-  c.model_options = ml_collections.ConfigDict(
-      {"depth": 110, "placement": "code", "conv_impl": "xla"})
-  c.dataset = "cifar10"
-  c.data_dir = ""  # Empty: $TFDS_DATA_DIR, else ~/tensorflow_datasets.
-  c.download = True  # Download through TFDS if the dataset is not prepared.
-  c.num_validation = 5000  # Held out from the end of the train split.
-  c.seed = 0
-
+  c = common.base("b_resnet", {"depth": 110, "placement": "code", "conv_impl": "xla"},
+                  "cifar10", 3)
   c.batch_size = 64
-  c.main_epochs = 100  # Main network alone (trunk + last exit).
-  c.joint_epochs = 100  # Every exit, from the main phase's weights.
-  c.loss_weights = (1.0, 1.0, 1.0)  # One per exit, last = main classifier.
-  c.optimizer = "adam"  # Or "sgd" (Nesterov momentum, L2 weight decay).
-  c.learning_rate = 1e-3
-  c.momentum = 0.9  # SGD only.
-  c.beta1 = 0.99
-  c.beta2 = 0.999
-  c.weight_decay = 0.0  # > 0 switches Adam to AdamW.
-  c.lr_schedule = "constant"  # Or "cosine" (warmup + cosine decay per phase).
-  c.warmup_steps = 0
-  c.augment = "none"  # "crop_flip": pad by max_shift, random crop, random h-flip.
-  c.max_shift = 4
-
+  c.main_epochs = 100
+  c.max_shift = 4  # crop_flip: pad by 4, random 32x32 crop, random horizontal flip.
   c.eval_batch_size = 500
   c.checkpoint_every_epochs = 1  # Epochs are long on a CPU.
-  c.keep_checkpoints = 3
-  c.halt_after_steps = -1  # > 0: stop (with a checkpoint) after this many steps.
 
   if variant == "paper":
     pass
