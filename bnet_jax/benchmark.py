@@ -49,8 +49,8 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
   """Chooses thresholds, times baseline and cascade, writes the results into `workdir`.
 
   Writes ``thresholds.json`` (per criterion, with provenance), ``benchmark.json``
-  (``{"rows": [...]}``, one row per batch size and criterion) and
-  ``accuracy_vs_cost.png``.
+  (``{"rows": [...]}``, one row per batch size and criterion; rows an earlier run
+  wrote for other batch sizes or criteria are kept) and ``accuracy_vs_cost.png``.
 
   Args:
     workdir: a trained workdir; its cached ``exits_*.npz`` are made if missing.
@@ -62,15 +62,22 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
     max_samples: test samples per timed pass (batched).
     batch1_samples: test samples per timed pass at batch size 1.
     model_options: layer implementations for inference (parameters unchanged), for
-      baseline and cascade alike; None: `nets.inference_options` of the network.
+      baseline and cascade alike; None: `nets.inference_options` of the network for
+      each batch size (the baseline's batch, the cascade's bucket).
 
   Returns:
     The benchmark.json contents.
   """
-  if model_options is None:
-    model_options = nets.inference_options(checkpoint.read_config(workdir).model)
-  trained = checkpoint.load_trained(workdir, **model_options)
+  # FLOPs are counted on the layers the network trained with; timing uses the fastest.
+  trained = checkpoint.load_trained(workdir)
   net, variables, config = trained.net, trained.variables, trained.config
+
+  def options_for(batch: int) -> dict:
+    return dict(model_options if model_options is not None
+                else nets.inference_options(config.model, batch))
+
+  def net_for(batch: int) -> nets.Network:
+    return nets.get(config.model, **{**config.model_options.to_dict(), **options_for(batch)})
   if not all(os.path.exists(evaluate.exits_path(workdir, s)) for s in ("validation", "test")):
     evaluate.cache_exits(workdir)
   val, test = evaluate.load_exits(workdir, "validation"), evaluate.load_exits(workdir, "test")
@@ -79,8 +86,8 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
   labels = split.labels
 
   full_flops = cost.main_path_flops(net, variables)
-  baseline = main_path_predictor(net, variables)
-  base_accuracy = float(np.mean(baseline(images) == labels))
+  baselines = {b: main_path_predictor(net_for(b), variables) for b in batch_sizes}
+  base_accuracy = float(np.mean(main_path_predictor(net, variables)(images) == labels))
   chosen, rows, points = {}, [], []
   for criterion in criteria_names:
     seg = cost.segment_flops(net, variables, criterion)
@@ -88,8 +95,10 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
                               max_cost_fraction=max_cost_fraction)
     choice["segment_flops"] = seg
     chosen[criterion] = choice
-    model = cascade.Cascade(net, variables, choice["thresholds"], criterion=criterion)
+    model = cascade.Cascade(net, variables, choice["thresholds"], criterion=criterion,
+                            bucket_net=net_for)
     for b in batch_sizes:
+      baseline = baselines[b]
       pred = _predict_all(model, images, b)
       fractions = np.bincount(pred.exit, minlength=net.num_exits) / len(labels)
       expected = cost.expected(fractions, seg)
@@ -112,7 +121,8 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
           "speedup": seconds["baseline"] / seconds["branchy"],
           "ideal_speedup": full_flops / expected,
           "timing": {"samples_per_pass": n, "repeats": repeats, "statistic": "median pass",
-                     "model_options": model_options,
+                     "model_options": options_for(b),
+                     "cpu_cores": len(os.sched_getaffinity(0)),
                      "async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch"))},
       }
       rows.append(row)
@@ -125,7 +135,7 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
                 "accuracy": rows[-1]["branchy"]["accuracy"]}]
 
   _write_json(os.path.join(workdir, "thresholds.json"), chosen)
-  results = {"rows": rows}
+  results = {"rows": _merge_rows(os.path.join(workdir, "benchmark.json"), rows)}
   _write_json(os.path.join(workdir, "benchmark.json"), results)
   first = criteria_names[0]
   grid = selection.candidates(val, first, "accuracy_drop", 200)
@@ -135,6 +145,21 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
       os.path.join(workdir, "accuracy_vs_cost.png"),
       title=f"{net.name} on {config.dataset}: accuracy vs cost ({first} thresholds)")
   return results
+
+
+def _merge_rows(path: str, rows: list[dict]) -> list[dict]:
+  """`rows` plus the rows an earlier run left in `path` for other (batch, criterion) pairs.
+
+  So batch 1 can be timed in a one-core process and the batched sizes in another.
+  """
+  if not rows or not os.path.exists(path):
+    return rows
+  with open(path) as f:
+    earlier = json.load(f).get("rows", [])
+  key = lambda r: (r["network"], r["criterion"], r["batch_size"])  # noqa: E731
+  ours = {key(r) for r in rows}
+  kept = [r for r in earlier if key(r) not in ours and r["network"] == rows[0]["network"]]
+  return sorted(kept + rows, key=key)
 
 
 def _predict_all(model: cascade.Cascade, images: np.ndarray, batch_size: int) -> cascade.Prediction:

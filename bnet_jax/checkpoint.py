@@ -117,11 +117,13 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def load_trained(workdir: str, *, mesh: Mesh | None = None, **model_options: Any) -> Trained:
-  """The config, network and eval-mode variables of `workdir`'s newest checkpoint.
+def load_trained(workdir: str, *, step: int | None = None, mesh: Mesh | None = None,
+                 **model_options: Any) -> Trained:
+  """The config, network and eval-mode variables of one of `workdir`'s checkpoints.
 
   Args:
     workdir: a directory written by `experiments.train`.
+    step: the checkpoint's step (None: the newest).
     mesh: restore every array replicated on this mesh (needed with several
       processes); None: on this process's first device. Either way the
       checkpoint may come from another device count.
@@ -132,7 +134,7 @@ def load_trained(workdir: str, *, mesh: Mesh | None = None, **model_options: Any
     FileNotFoundError: no config.json or no checkpoint in `workdir`.
   """
   config = read_config(workdir)
-  step = latest_step(workdir)
+  step = latest_step(workdir) if step is None else step
   if step is None:
     raise FileNotFoundError(_untrained(workdir))
   net = nets.get(config.model, **{**config.model_options.to_dict(), **model_options})

@@ -10,7 +10,7 @@ XLA_FLAGS: tuple[str, ...] = (
 )
 
 
-def configure(latency: bool = False) -> None:
+def configure(latency: bool = False, cores: int | None = None) -> None:
   """Applies the library's XLA settings (call before the first JAX computation).
 
   Flags are appended to any `XLA_FLAGS` the user set; a flag the user already set
@@ -20,7 +20,18 @@ def configure(latency: bool = False) -> None:
     latency: also turn CPU asynchronous dispatch off. For small-batch inference
       this cut B-LeNet's batch-1 path from 0.27 to 0.17 ms here; for training
       and large batches leave it on, so the host can run ahead of the device.
+    cores: run the process on this many of the CPU cores it may use (None or 0:
+      all). XLA sizes its CPU thread pool from them when its backend starts. At
+      batch 1 a single core avoids waking pool threads between tiny ops: B-LeNet's
+      exit-1 path took 72-90 us on one core against 125-170 us on two (2026-11-30);
+      batched inference and training want every core.
   """
+  if cores:
+    allowed = sorted(os.sched_getaffinity(0))
+    if cores > len(allowed):
+      raise ValueError(f"cores={cores}, but this process may use only {len(allowed)} "
+                       f"CPU core(s) ({allowed}).")
+    os.sched_setaffinity(0, allowed[:cores])
   user = os.environ.get("XLA_FLAGS", "")
   ours = [f for f in XLA_FLAGS if f.split("=")[0] + "=" not in user]
   os.environ["XLA_FLAGS"] = " ".join([user, *ours]).strip()

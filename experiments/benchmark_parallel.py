@@ -19,6 +19,10 @@ dataset (MNIST without W), random if it is not prepared. Every figure is the med
 timed in rotation after a warm-up (compilation), results fetched to the host.
 """
 
+if __name__ == "__main__":  # Before JAX loads: restart with tcmalloc (experiments/preload.py).
+  from experiments import preload
+  preload.reexec_with_tcmalloc()
+
 import json
 
 import jax

@@ -14,6 +14,10 @@ training throughput in images/s. Weights are freshly initialised: cost does not
 depend on them.
 """
 
+if __name__ == "__main__":  # Before JAX loads: restart with tcmalloc (experiments/preload.py).
+  from experiments import preload
+  preload.reexec_with_tcmalloc()
+
 import ast
 import json
 

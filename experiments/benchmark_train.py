@@ -9,6 +9,10 @@ rotation (so drift hits all alike); each figure is the median over repeats of
 `--steps` synchronised steps. Data is random: throughput does not depend on it.
 """
 
+if __name__ == "__main__":  # Before JAX loads: restart with tcmalloc (experiments/preload.py).
+  from experiments import preload
+  preload.reexec_with_tcmalloc()
+
 import json
 
 import jax

@@ -9,6 +9,10 @@ data-parallel over every device; across hosts, add the flags of
 experiments/distributed.py on each host.
 """
 
+if __name__ == "__main__":  # Before JAX loads: restart with tcmalloc (experiments/preload.py).
+  from experiments import preload
+  preload.reexec_with_tcmalloc()
+
 import sys
 
 import jax

@@ -10,6 +10,10 @@ pod slices, SLURM) or --coordinator_address, --num_processes and --process_id on
 each host (see experiments/distributed.py and WORKSPACE.md).
 """
 
+if __name__ == "__main__":  # Before JAX loads: restart with tcmalloc (experiments/preload.py).
+  from experiments import preload
+  preload.reexec_with_tcmalloc()
+
 import sys
 
 import jax

@@ -11,4 +11,7 @@ shift || true
 python -m experiments.train --config=experiments/configs/lenet_mnist.py:tuned \
   --workdir="$WORKDIR"
 python -m experiments.evaluate --workdir="$WORKDIR"
-python -m experiments.benchmark --workdir="$WORKDIR" --batch_sizes=1,256,2048 "$@"
+# Batch 1 on one core (the lowest latency for baseline and cascade alike), then the
+# batched sizes on every core; the second run prints the table of both.
+python -m experiments.benchmark --workdir="$WORKDIR" --batch_sizes=1 --cores=1 "$@"
+python -m experiments.benchmark --workdir="$WORKDIR" --batch_sizes=256,2048 "$@"

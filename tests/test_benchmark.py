@@ -66,6 +66,20 @@ def test_benchmark_writes_rows_thresholds_and_plot(trained, rule):
   assert os.path.getsize(os.path.join(trained, "accuracy_vs_cost.png")) > 10_000
 
 
+def test_a_second_run_keeps_other_batch_sizes_and_replaces_its_own(trained):
+  """Batch 1 in a one-core run and batched sizes in another end in one benchmark.json."""
+  os.remove(os.path.join(trained, "benchmark.json"))
+  run = lambda sizes: benchmark.run(trained, sizes, ("entropy",), repeats=1,  # noqa: E731
+                                    max_samples=12, batch1_samples=4)
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    first = run([1])["rows"]
+    both = run([3])["rows"]
+    again = run([1])["rows"]
+  assert [r["batch_size"] for r in both] == [1, 3] and both[0] == first[0]
+  assert [r["batch_size"] for r in again] == [1, 3] and again[1] == both[1]
+  assert again[0]["timing"]["cpu_cores"] == len(os.sched_getaffinity(0))
+
+
 def test_cli_without_cached_or_trained_model_explains(tmp_path):
   for module in ("experiments.evaluate", "experiments.benchmark"):
     proc = subprocess.run([sys.executable, "-m", module, f"--workdir={tmp_path}"], cwd=REPO,

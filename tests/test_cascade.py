@@ -220,6 +220,31 @@ def test_chunks_buckets_and_parameters_as_arguments(tiny):
       assert_matches(cas.predict(tiny.x[:size]), tiny, size, t, "entropy")
 
 
+def test_layer_options_per_bucket_give_the_same_decisions(blenet):
+  """B-LeNet with its per-batch inference layers: every tier, batch 1 and batched."""
+  tiers = {nets.get("b_lenet", **nets.inference_options("b_lenet", b)).stages[1].trunk
+           for b in (1, 16, 256)}
+  assert len(tiers) > 1  # The registry really switches implementations.
+  t = random_thresholds(blenet.all_scores("entropy"), np.random.default_rng(5))
+  made = []
+
+  def bucket_net(b):
+    made.append(b)
+    return nets.get("b_lenet", **nets.inference_options("b_lenet", b))
+
+  cas = cascade.Cascade(blenet.net, blenet.variables, t, bucket_net=bucket_net)
+  for size in (1, 3, 100):
+    assert_matches(cas.predict(blenet.x[:size]), blenet, size, t, "entropy")
+  assert {1, 4, 128} <= set(made)
+
+
+def test_bucket_net_must_be_the_same_network(blenet):
+  cas = cascade.Cascade(blenet.net, blenet.variables, [0.5],
+                        bucket_net=lambda b: nets.get("b_alexnet"))
+  with pytest.raises(ValueError, match="must be b_lenet with other layer options"):
+    cas.predict(blenet.x[:4])
+
+
 def test_single_exit_network_is_its_main_path(blenet):
   net = blenet.net.main_network()
   want = np.argmax(nets.main_logits(net, blenet.variables, blenet.x[:5]), axis=-1)
