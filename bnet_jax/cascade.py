@@ -469,8 +469,8 @@ class Cascade:
 def _continuing_first(cont: jax.Array) -> jax.Array:
   """(b,) bool -> (b,) int32 permutation: rows where `cont` holds first, each part in order.
 
-  A stable partition by prefix sums and one scatter: the stable argsort it replaces
-  took 7 us per sample of B-LeNet's batch-256 stage program on XLA's CPU backend.
+  A stable partition by prefix sums and one scatter: linear in b, where a stable
+  sort is b log b (at B-LeNet's bucket 256 both cost about the same).
   """
   c = cont.astype(jnp.int32)
   dest = jnp.where(cont, jnp.cumsum(c) - 1, jnp.sum(c) + jnp.cumsum(1 - c) - 1)
