@@ -383,6 +383,9 @@ class Cascade:
     `order` lists continuing rows first, in input order; the last segment returns the
     record alone. See `_record` for the record's rows.
     """
+    prog = self._programs.get(("stage", k, b))
+    if prog is not None:  # The hot path: nothing below is cheap (specs, networks).
+      return prog
     seg, last, name = self._segment(k, b), k == self.net.num_exits - 1, self.criterion
 
     def stage(variables, h, pos, n, t):
@@ -402,6 +405,9 @@ class Cascade:
 
   def _prefix_program(self, k: int, b_in: int, b_out: int) -> Any:
     """(h, order, record) of segment k at b_in -> its first b_out rows in `order`: (h, pos)."""
+    prog = self._programs.get(("prefix", k, b_in, b_out))
+    if prog is not None:  # The hot path: the shape inference below traces segment k.
+      return prog
     def prefix(variables, h, order, record):
       del variables
       idx = order[:b_out]
