@@ -1,7 +1,8 @@
-r"""A peer for scale: B-LeNet in PyTorch eager mode at batch 1, main path vs early exit.
+r"""A peer for scale: B-LeNet in PyTorch eager mode: batch-1 early exit, joint training.
 
   pip install torch==2.13.0   # CPU build; not a bnet-jax dependency
   python -m experiments.benchmark_pytorch [--cores=1] [--exit_fraction=0.95]
+  python -m experiments.benchmark_pytorch --cores=0 --train_batch_size=512
 
 The same architecture as `bnet_jax.nets.lenet` (ceil-mode pooling, NCHW), random
 weights: timing does not depend on them. Three paths are timed in rotation over the
@@ -9,6 +10,9 @@ same images, each a median of repeated passes: the main path (stage 1, stage 2, 
 exit, argmax), the exit-1 path (stage 1, exit 1, entropy read on the host, leave) and
 the continuing path (the same, then stage 2 and the main exit). The early-exit figure
 weights the last two by the exit fraction, as the README's Table 1 reports it.
+With ``--train_batch_size``, it times joint training instead (both exits' summed
+cross-entropy, Adam), in images per second, the median of repeated runs of
+``--train_steps`` steps after a warm-up, as `experiments.benchmark_train` does.
 """
 
 import os
@@ -21,6 +25,8 @@ _CORES = flags.DEFINE_integer("cores", 1, "CPU cores (and torch threads); 0: all
 _FRACTION = flags.DEFINE_float("exit_fraction", 0.95, "Share of samples leaving at exit 1.")
 _SAMPLES = flags.DEFINE_integer("samples", 500, "Images per timed pass.")
 _REPEATS = flags.DEFINE_integer("repeats", 9, "Timed passes per path.")
+_TRAIN_BATCH = flags.DEFINE_integer("train_batch_size", 0, "Time joint training at this batch.")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 10, "Train steps per timed repeat.")
 
 
 def main(argv: list[str]) -> None:
@@ -53,6 +59,33 @@ def main(argv: list[str]) -> None:
     if leave or entropy < 0:  # The host reads the entropy either way.
       return z.argmax(-1).numpy()
     return stage2(h).argmax(-1).numpy()
+
+  if _TRAIN_BATCH.value:
+    modules = [conv1, exit_conv, exit_fc, conv2, conv3, fc1, fc2]
+    opt = torch.optim.Adam([p for m in modules for p in m.parameters()], lr=1e-3)
+    x = torch.rand(_TRAIN_BATCH.value, 1, 28, 28)
+    y = torch.randint(0, 10, (_TRAIN_BATCH.value,))
+
+    def step():
+      h = pool_relu(conv1(x))
+      z1 = exit_fc(pool_relu(exit_conv(h)).flatten(1))
+      loss = F.cross_entropy(z1, y) + F.cross_entropy(stage2(h), y)
+      opt.zero_grad()
+      loss.backward()
+      opt.step()
+
+    for _ in range(3):
+      step()
+    runs = []
+    for _ in range(_REPEATS.value):
+      t0 = time.perf_counter()
+      for _ in range(_TRAIN_STEPS.value):
+        step()
+      runs.append(time.perf_counter() - t0)
+    rate = _TRAIN_BATCH.value * _TRAIN_STEPS.value / statistics.median(runs)
+    print(f"PyTorch {torch.__version__}, {len(os.sched_getaffinity(0))} core(s): joint "
+          f"training at batch {_TRAIN_BATCH.value}: {rate:.0f} images/s")
+    return
 
   xs = [torch.rand(1, 1, 28, 28) for _ in range(_SAMPLES.value)]
   paths = {"main path": lambda: [main_path(x) for x in xs],
