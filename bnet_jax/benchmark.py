@@ -77,7 +77,7 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
                 else nets.inference_options(config.model, batch))
 
   def net_for(batch: int) -> nets.Network:
-    return nets.get(config.model, **{**config.model_options.to_dict(), **options_for(batch)})
+    return checkpoint.network(config, **options_for(batch))
   if not all(os.path.exists(evaluate.exits_path(workdir, s)) for s in ("validation", "test")):
     evaluate.cache_exits(workdir)
   val, test = evaluate.load_exits(workdir, "validation"), evaluate.load_exits(workdir, "test")

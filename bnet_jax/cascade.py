@@ -73,6 +73,7 @@ from bnet_jax import criteria, nets, parallel
 
 LATENCY_MODES = ("auto", "cond", "host")
 DEFAULT_CHUNK_SIZE = 2048
+_COND = ("cond",)  # The batch-1 program's key among the compiled programs.
 
 
 class Prediction(NamedTuple):
@@ -256,7 +257,7 @@ class Cascade:
     self._segments = [segment_fn(net, k, criterion) for k in range(net.num_exits)]
     self._bucket_net = bucket_net
     self._programs: dict[tuple, Any] = {}
-    self._cond = None  # The batch-1 program once compiled, its input shape, thresholds.
+    # The batch-1 hot path's input shape and its thresholds, kept on the device.
     self._cond_shape, self._cond_t = (1, *net.input_shape), jax.device_put(self.thresholds)
     self.num_traces = 0  # Python-side trace counter: grows only when a program compiles.
     # Per-sample shape and dtype entering each segment, for ahead-of-time compilation.
@@ -283,11 +284,12 @@ class Cascade:
     Returns:
       `Prediction` of numpy arrays: label (B,) int32, exit (B,) int32, score (B,) float32.
     """
-    if (self._cond is not None and thresholds is None and type(images) is np.ndarray
+    cond = self._programs.get(_COND)
+    if (cond is not None and thresholds is None and type(images) is np.ndarray
         and images.shape == self._cond_shape and images.dtype == np.float32):
       # The batch-1 hot path, with the checks below done by this test: every
       # microsecond shows at batch 1. The thresholds already live on the device.
-      out = np.asarray(self._cond(images, self._cond_t))
+      out = np.asarray(cond(images, self._cond_t))
       return Prediction(out[0], out[1], out[2].view(np.float32))
     nets.check_images(self.net, images)
     t = (self.thresholds if thresholds is None
@@ -297,7 +299,7 @@ class Cascade:
       empty = np.zeros(0, np.int32)
       return Prediction(empty, empty, np.zeros(0, np.float32))
     if x.shape[0] == 1 and self.latency_mode == "cond":
-      out = np.asarray((self._cond or self._cond_program())(x, t))
+      out = np.asarray(self._cond_program()(x, t))
       return Prediction(out[0], out[1], out[2].view(np.float32))
     return self._predict_batched(x, t)
 
@@ -423,6 +425,9 @@ class Cascade:
 
   def _cond_program(self) -> Any:
     """(x (1, H, W, C), T (E-1,)) -> (3, 1) int32: label, exit, score bits; one program."""
+    prog = self._programs.get(_COND)
+    if prog is not None:  # Below, every segment's network is built.
+      return prog
     segs = [self._segment(k, 1) for k in range(self.net.num_exits)]
     last, name = self.net.num_exits - 1, self.criterion
 
@@ -436,9 +441,8 @@ class Cascade:
       return lax.cond(criteria.exits(name, score[0], t[k]),
                       lambda h: done, lambda h: run_from(variables, k + 1, h, t), h)
 
-    self._cond = self._compile(("cond",), lambda v, x, t: run_from(v, 0, x, t),
-                               self._spec(0, 1), self._t_spec())
-    return self._cond
+    return self._compile(_COND, lambda v, x, t: run_from(v, 0, x, t),
+                         self._spec(0, 1), self._t_spec())
 
   # ---- the batched path -----------------------------------------------------------
 

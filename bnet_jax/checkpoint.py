@@ -117,6 +117,11 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+def network(config: ml_collections.ConfigDict, **model_options: Any) -> nets.Network:
+  """The network a training config describes, with some layer options overridden."""
+  return nets.get(config.model, **{**config.model_options.to_dict(), **model_options})
+
+
 def load_trained(workdir: str, *, step: int | None = None, mesh: Mesh | None = None,
                  **model_options: Any) -> Trained:
   """The config, network and eval-mode variables of one of `workdir`'s checkpoints.
@@ -137,7 +142,7 @@ def load_trained(workdir: str, *, step: int | None = None, mesh: Mesh | None = N
   step = latest_step(workdir) if step is None else step
   if step is None:
     raise FileNotFoundError(_untrained(workdir))
-  net = nets.get(config.model, **{**config.model_options.to_dict(), **model_options})
+  net = network(config, **model_options)
   sharding = (jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) if mesh is None
               else NamedSharding(mesh, PartitionSpec()))
   with manager(workdir, create=False) as mngr:

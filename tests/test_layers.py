@@ -124,4 +124,3 @@ def test_configure_appends_to_user_flags_and_keeps_user_values(monkeypatch):
   runtime.configure()
   assert os.environ["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x", f"{name}=mine",
                                              *runtime.XLA_FLAGS[1:]]
-
