@@ -14,6 +14,7 @@ per sample, as a user processing a stream would see it).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -105,8 +106,8 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
       batches = _batches(images, b, batch1_samples if b == 1 else max_samples)
       model.warmup([b])
       seconds = timing.interleaved_medians(
-          {"baseline": lambda: [baseline(x) for x in batches],
-           "branchy": lambda: [model.predict(x) for x in batches]},
+          {"baseline": functools.partial(timing.stream, baseline, batches),
+           "branchy": functools.partial(timing.stream, model.predict, batches)},
           repeats=repeats, warmup=1)
       n = len(batches) * b
       row = {

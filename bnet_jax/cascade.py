@@ -33,15 +33,22 @@ per sample unchunked against 34-37 us in chunks of 256 (2 shared CPU cores,
 2026-11-24). Chunks advance together, segment by segment, so the device computes one
 chunk while the host reads another's record.
 
-Batch-1 path. A batch of one is latency-bound: per-call dispatch and host reads
-dominate. ``latency_mode="cond"`` runs one program with nested `lax.cond` between
-segments (never vmapped: under vmap cond becomes select and runs every branch);
-``"host"`` runs the batched path at bucket 1 (one stage program per segment reached
-and a read of its record between them). ``"auto"`` picks "cond": on B-LeNet at batch
-1 with 94% of samples leaving at exit 1 it took 0.26-0.38 ms per sample against
-0.33-0.51 ms for "host" in the same runs (2 shared CPU cores, 2026-11-23); the host
-path pays Python bookkeeping per stage, and a second dispatch and read for every
-sample that continues.
+Batch-1 path. A batch of one is latency-bound: per-call dispatch, host reads and
+XLA's per-op overhead dominate. ``latency_mode="host"`` runs one *exit program* per
+exit reached, each from the input image: exit k's program recomputes the trunk
+before segment k (no heads), runs segment k and returns label, exit (-1 when the
+sample goes on) and score in one (3, 1) array read on the host. The common case, a
+sample leaving at exit 1, is one dispatch of the cheapest program; a sample that
+goes on pays another dispatch and the recomputed trunk (B-LeNet: conv1, 12% of the
+main path's FLOPs, for 5% of samples). ``"cond"`` runs one program with nested
+`lax.cond` between segments (never vmapped: under vmap cond becomes select and runs
+every branch). ``"batched"`` sends batch 1 down the batched path. ``"auto"`` picks
+"host": on trained B-LeNet at batch 1 on one core (2026-11-30, 5% of samples going
+on, the benchmark's layers) it took 64-66 us per sample against 83-86 for "cond"
+and 159-165 for "batched" in the same runs (main path 140-148). XLA's conditional
+cost about 10 us even when the branch taken only returns, more than the second
+dispatch of the few that continue; handing the stage-1 activation on as a second
+output cost about 20 us on every sample, more than recomputing it for the few.
 
 On a mesh (``mesh=``, see `parallel`) every program is compiled with shardings: each
 stage's bucket-sized batch is split over the mesh's data axis (buckets are multiples
@@ -71,9 +78,9 @@ from jax.sharding import Mesh
 
 from bnet_jax import criteria, nets, parallel
 
-LATENCY_MODES = ("auto", "cond", "host")
+LATENCY_MODES = ("auto", "host", "cond", "batched")
 DEFAULT_CHUNK_SIZE = 2048
-_COND = ("cond",)  # The batch-1 program's key among the compiled programs.
+_F32 = np.dtype(np.float32)
 
 
 class Prediction(NamedTuple):
@@ -200,15 +207,15 @@ class Cascade:
       smallest bucket that holds it. Default: powers of two.
     chunk_size: batches larger than this run in chunks of this size (None: never).
       With explicit buckets, chunks never exceed the largest bucket.
-    latency_mode: batch-1 strategy: "cond", "host" or "auto" (the faster, "cond").
+    latency_mode: batch-1 strategy: "host", "cond", "batched" or "auto" (the
+      fastest measured, "host").
     params_as_constants: compile parameters into the programs (faster dispatch; one
       cascade per set of variables) instead of passing them on every call.
     mesh: split every stage's batch over this mesh's data axis (None: one device).
       Buckets must be multiples of its device count D (default: D times powers of
       two, up to the first that holds `chunk_size`, or 2**20 rows without chunks);
-      batch 1 takes the batched path
-      (latency_mode "host"). With several processes, each calls `predict` with the
-      same images and gets the whole result.
+      batch 1 takes the batched path (latency_mode "batched"). With several
+      processes, each calls `predict` with the same images and gets the whole result.
     bucket_net: the network whose layer implementations run a given bucket size
       (the same parameters and shapes as `net`; e.g. ``lambda b: nets.get(name,
       **nets.inference_options(name, b))``, as the benchmark does): the fastest
@@ -228,7 +235,7 @@ class Cascade:
     self.net = net
     self.criterion = criterion
     self.thresholds = check_thresholds(net, thresholds, criterion)
-    self.latency_mode = "cond" if latency_mode == "auto" else latency_mode
+    self.latency_mode = "host" if latency_mode == "auto" else latency_mode
     self._mesh = mesh
     self._rows = self._whole = None  # Shardings of batch-sized and whole arrays (mesh only).
     if mesh is not None:
@@ -239,7 +246,7 @@ class Cascade:
       elif any(int(b) % d for b in buckets):
         raise ValueError(f"On a mesh of {d} devices every bucket must be a multiple of {d}; "
                          f"got {sorted(buckets)}. Pass multiples of {d}, or buckets=None.")
-      self.latency_mode = "host"
+      self.latency_mode = "batched"
       self._rows, self._whole = parallel.data_sharding(mesh), parallel.replicated(mesh)
       variables = parallel.replicate(variables, mesh)
     if buckets is not None:
@@ -257,8 +264,10 @@ class Cascade:
     self._segments = [segment_fn(net, k, criterion) for k in range(net.num_exits)]
     self._bucket_net = bucket_net
     self._programs: dict[tuple, Any] = {}
-    # The batch-1 hot path's input shape and its thresholds, kept on the device.
-    self._cond_shape, self._cond_t = (1, *net.input_shape), jax.device_put(self.thresholds)
+    # The batch-1 hot path: its programs once compiled, input shape and thresholds
+    # (kept on the device).
+    self._one: tuple | None = None
+    self._one_shape, self._one_t = (1, *net.input_shape), jax.device_put(self.thresholds)
     self.num_traces = 0  # Python-side trace counter: grows only when a program compiles.
     # Per-sample shape and dtype entering each segment, for ahead-of-time compilation.
     h = jax.ShapeDtypeStruct((1, *net.input_shape), jnp.float32)
@@ -284,13 +293,16 @@ class Cascade:
     Returns:
       `Prediction` of numpy arrays: label (B,) int32, exit (B,) int32, score (B,) float32.
     """
-    cond = self._programs.get(_COND)
-    if (cond is not None and thresholds is None and type(images) is np.ndarray
-        and images.shape == self._cond_shape and images.dtype == np.float32):
+    progs = self._one
+    if (progs is not None and thresholds is None and type(images) is np.ndarray
+        and images.dtype is _F32 and images.shape == self._one_shape):
       # The batch-1 hot path, with the checks below done by this test: every
-      # microsecond shows at batch 1. The thresholds already live on the device.
-      out = np.asarray(cond(images, self._cond_t))
-      return Prediction(out[0], out[1], out[2].view(np.float32))
+      # microsecond shows at batch 1, and each Python step here costs several after
+      # XLA's run has evicted the interpreter's caches. Thresholds live on the device.
+      out = np.asarray(progs[0](images, self._one_t))
+      if out[1, 0] < 0:  # Goes on past the first exit: the rare case.
+        out = _run_one(progs[1:], images, self._one_t)
+      return Prediction(out[0], out[1], out[2].view(_F32))
     nets.check_images(self.net, images)
     t = (self.thresholds if thresholds is None
          else check_thresholds(self.net, thresholds, self.criterion))
@@ -298,16 +310,16 @@ class Cascade:
     if x.shape[0] == 0:
       empty = np.zeros(0, np.int32)
       return Prediction(empty, empty, np.zeros(0, np.float32))
-    if x.shape[0] == 1 and self.latency_mode == "cond":
-      out = np.asarray(self._cond_program()(x, t))
-      return Prediction(out[0], out[1], out[2].view(np.float32))
+    if x.shape[0] == 1 and self.latency_mode != "batched":
+      out = _run_one(self._one_programs(), x, t)
+      return Prediction(out[0], out[1], out[2].view(_F32))
     return self._predict_batched(x, t)
 
   def warmup(self, batch_sizes: Iterable[int]) -> None:
     """Compiles every program that batches of these sizes can reach, whatever the thresholds."""
     for size in batch_sizes:
-      if size == 1 and self.latency_mode == "cond":
-        self._cond_program()
+      if size == 1 and self.latency_mode != "batched":
+        self._one_programs()
         continue
       for n in {len(c) for c in self._chunks(size)}:
         reach = self._bucket_list(n)
@@ -423,25 +435,49 @@ class Cascade:
                          jax.ShapeDtypeStruct((4, b_in), jnp.int32, sharding=whole),
                          out_shardings=(rows, rows))
 
+  def _one_programs(self) -> tuple:
+    """The batch-1 programs, run in turn until one returns an exit (see `_run_one`)."""
+    if self._one is None:
+      if self.latency_mode == "cond":
+        self._one = (self._cond_program(),)
+      else:
+        self._one = tuple(self._exit_program(k) for k in range(self.net.num_exits))
+    return self._one
+
+  def _exit_program(self, k: int) -> Any:
+    """(x (1, H, W, C), T (E-1,)) -> (3, 1) int32: exit k from the input image.
+
+    Rows: label, k if the sample leaves here else -1, score bits. The trunk stages
+    before segment k are recomputed (no heads).
+    """
+    net = self._bucket_net(1) if self._bucket_net is not None else self.net
+    seg, last, name = self._segment(k, 1), k == self.net.num_exits - 1, self.criterion
+    before = [i for s in segments(self.net)[:k] for i in s]
+
+    def run(variables, x, t):
+      h = x
+      for i in before:
+        h, _ = nets.apply_trunk(net, variables, i, h)
+      _, logits, score = seg(variables, h)
+      leave = jnp.bool_(True) if last else criteria.exits(name, score[0], t[k])
+      return _one_record(logits, score, jnp.where(leave, k, -1))
+
+    return self._compile(("exit", k), run, self._spec(0, 1), self._t_spec())
+
   def _cond_program(self) -> Any:
     """(x (1, H, W, C), T (E-1,)) -> (3, 1) int32: label, exit, score bits; one program."""
-    prog = self._programs.get(_COND)
-    if prog is not None:  # Below, every segment's network is built.
-      return prog
     segs = [self._segment(k, 1) for k in range(self.net.num_exits)]
     last, name = self.net.num_exits - 1, self.criterion
 
     def run_from(variables, k, h, t):
       h, logits, score = segs[k](variables, h)
-      done = jnp.stack([jnp.argmax(logits, axis=-1).astype(jnp.int32),
-                        jnp.full((1,), k, jnp.int32),
-                        lax.bitcast_convert_type(score, jnp.int32)])
+      done = _one_record(logits, score, jnp.int32(k))
       if k == last:
         return done
       return lax.cond(criteria.exits(name, score[0], t[k]),
                       lambda h: done, lambda h: run_from(variables, k + 1, h, t), h)
 
-    return self._compile(_COND, lambda v, x, t: run_from(v, 0, x, t),
+    return self._compile(("cond",), lambda v, x, t: run_from(v, 0, x, t),
                          self._spec(0, 1), self._t_spec())
 
   # ---- the batched path -----------------------------------------------------------
@@ -493,6 +529,25 @@ def _continuing_first(cont: jax.Array) -> jax.Array:
   dest = jnp.where(cont, jnp.cumsum(c) - 1, jnp.sum(c) + jnp.cumsum(1 - c) - 1)
   rows = jnp.arange(cont.shape[0], dtype=jnp.int32)
   return jnp.zeros_like(rows).at[dest].set(rows, unique_indices=True)
+
+
+def _run_one(programs: Sequence[Any], x: Any, t: Any) -> np.ndarray:
+  """Runs batch-1 programs in turn until one's record has an exit; returns that record.
+
+  Each returns a (3, 1) int32 record (`_one_record`): label, exit (-1: goes on), score bits.
+  """
+  for prog in programs:
+    out = np.asarray(prog(x, t))
+    if out[1, 0] >= 0:
+      return out
+  raise AssertionError("The last exit program always returns an exit.")
+
+
+def _one_record(logits: jax.Array, score: jax.Array, exit_: jax.Array) -> jax.Array:
+  """(3, 1) int32 rows of a batch of one: label, `exit_` (a scalar), score's float32 bits."""
+  return jnp.stack([jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                    jnp.reshape(exit_, (1,)).astype(jnp.int32),
+                    lax.bitcast_convert_type(score, jnp.int32)])
 
 
 def _record(pos: jax.Array, logits: jax.Array, score: jax.Array, leave: jax.Array

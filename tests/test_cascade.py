@@ -198,7 +198,7 @@ def test_everyone_or_no_one_exits_early(blenet, criterion, leave_all, leave_none
       assert_matches(pred, blenet, size, t, criterion)
 
 
-@pytest.mark.parametrize("mode", ["cond", "host"])
+@pytest.mark.parametrize("mode", ["host", "cond", "batched"])
 def test_batch_one_is_identical_to_reference_at_batch_one(blenet, tiny, mode):
   for case in (blenet, tiny):
     cas = case.cascade("entropy", mode)
@@ -248,7 +248,7 @@ def test_bucket_net_must_be_the_same_network(blenet):
 def test_single_exit_network_is_its_main_path(blenet):
   net = blenet.net.main_network()
   want = np.argmax(nets.main_logits(net, blenet.variables, blenet.x[:5]), axis=-1)
-  for mode, x in (("cond", blenet.x[:1]), ("host", blenet.x[:5])):
+  for mode, x in (("host", blenet.x[:1]), ("cond", blenet.x[:1]), ("batched", blenet.x[:5])):
     pred = cascade.Cascade(net, blenet.variables, [], latency_mode=mode).predict(x)
     np.testing.assert_array_equal(pred.exit, 0)
     np.testing.assert_array_equal(pred.label, want[:len(x)])
@@ -266,7 +266,7 @@ def test_segment_fns_compose_to_the_all_exits_pass(tiny):
 # ---- compilation -------------------------------------------------------------------
 
 def test_warmup_compiles_a_bounded_set(tiny):
-  cas = cascade.Cascade(tiny.net, tiny.variables, [0.0, 0.0], latency_mode="host")
+  cas = cascade.Cascade(tiny.net, tiny.variables, [0.0, 0.0], latency_mode="batched")
   cas.warmup([5])
   # Bucket 8 for exit 0; exits 1 and 2 at buckets 1, 2, 4, 8; gathers 8 -> each of
   # those after exit 0, and every (b_in, b_out <= b_in) pair of them after exit 1.
@@ -275,20 +275,28 @@ def test_warmup_compiles_a_bounded_set(tiny):
 
 def test_no_recompilation_after_warmup(tiny):
   sizes = (1, 5, 12)
-  host = cascade.Cascade(tiny.net, tiny.variables, [0.0, 0.0], latency_mode="host", chunk_size=8)
+  batched = cascade.Cascade(tiny.net, tiny.variables, [0.0, 0.0], latency_mode="batched",
+                            chunk_size=8)
+  host = cascade.Cascade(tiny.net, tiny.variables, [0.0, 0.0], latency_mode="host")
   cond = cascade.Cascade(tiny.net, tiny.variables, [0.0, 0.0], latency_mode="cond")
-  host.warmup(sizes)  # Chunks of 8 and 4 rows.
+  batched.warmup(sizes)  # Chunks of 8 and 4 rows.
+  host.warmup([1])
   cond.warmup([1])
-  before = [(c.num_traces, c.num_compiled) for c in (host, cond)]
+  every = (batched, host, cond)
+  before = [(c.num_traces, c.num_compiled) for c in every]
   rng = np.random.default_rng(4)
+  exits = set()
   for _ in range(10):
     t = random_thresholds(tiny.all_scores("entropy"), rng)
     t[rng.integers(2)] = float(rng.choice([0.0, 10.0, t[0]]))  # Extremes too.
     for size in sizes:
-      host.predict(tiny.x[:size], t)
-    cond.predict(tiny.x[:1], t)
-  assert [(c.num_traces, c.num_compiled) for c in (host, cond)] == before
-  assert before[1] == (1, 1)
+      batched.predict(tiny.x[:size], t)
+    for i in range(3):
+      exits.add(int(host.predict(tiny.x[i:i + 1], t).exit[0]))
+      cond.predict(tiny.x[i:i + 1], t)
+  assert [(c.num_traces, c.num_compiled) for c in every] == before
+  assert before[1:] == [(3, 3), (1, 1)]  # One program per exit; one cond program.
+  assert exits == {0, 1, 2}  # Every exit program ran.
 
 
 # ---- validation --------------------------------------------------------------------

@@ -15,7 +15,8 @@ from bnet_jax import runtime
 from bnet_jax.nets import layers
 
 # (batch, size, C_in, C_out, kernel, padding): B-LeNet's shapes, shrunk, and odd cases.
-CONV_CASES = [(2, 12, 1, 5, 5, 3), (2, 9, 5, 10, 3, 1), (1, 9, 10, 20, 5, 3), (2, 7, 3, 4, 3, 0)]
+CONV_CASES = [(2, 12, 1, 5, 5, 3), (2, 9, 5, 10, 3, 1), (1, 9, 10, 20, 5, 3), (2, 7, 3, 4, 3, 0),
+              (1, 5, 2, 3, 1, 2)]
 
 
 def _reference_conv(kernel, bias, x, pad):

@@ -24,8 +24,12 @@ _REGISTRY: dict[str, Callable[..., Network]] = {
 # channel-padded XLA convolutions ("xla_pad8": 132 vs 160 us at batch 1, 46 vs 60
 # per sample at 256 and 2048) except from 3 to 64 rows, the buckets of the samples
 # that continue past exit 1, where pooling-phase im2col won (43 vs 78 per sample at 32).
+# At batch 1 "tapwise" convolutions beat both for exit 1 and stage 2 (exit-1 program
+# 46 vs 64-68 us, main path 147 vs 162 us, one core, trained B-LeNet, 2026-11-30);
+# at batch 256 they were 3x slower.
 _INFERENCE_OPTIONS: dict[str, tuple[tuple[int | None, dict[str, str]], ...]] = {
     "b_lenet": (
+        (1, {"conv1_impl": "phase", "exit_conv_impl": "tapwise", "conv_impl": "tapwise"}),
         (2, {"conv1_impl": "phase", "exit_conv_impl": "xla", "conv_impl": "xla_pad8"}),
         (64, {"conv1_impl": "phase", "exit_conv_impl": "xla", "conv_impl": "phase_im2col"}),
         (None, {"conv1_impl": "phase", "exit_conv_impl": "xla", "conv_impl": "xla_pad8"}),
