@@ -41,11 +41,15 @@ def manager(workdir: str, *, max_to_keep: int = 3, create: bool = True) -> ocp.C
 
 
 def latest_step(workdir: str) -> int | None:
-  """The step of the newest checkpoint in `workdir`, or None."""
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    return None
-  with manager(workdir, create=False) as mngr:
-    return mngr.latest_step()
+  """The step of the newest finalized checkpoint in `workdir`, or None.
+
+  Read from the directory listing, with no CheckpointManager: a manager joins the
+  processes' barriers, and in a multi-process run one process may find the
+  checkpoint directory that another has just created for a fresh run, so the two
+  would build different managers and wait at different barriers.
+  """
+  steps = ocp.utils.checkpoint_steps(os.path.join(os.path.abspath(workdir), "checkpoints"))
+  return max(steps) if steps else None
 
 
 def read_record(mngr: ocp.CheckpointManager, step: int) -> dict:
