@@ -71,6 +71,7 @@ def _check_network_gradient():
   x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1), jnp.float64)
   labels = jnp.arange(4) % 10
 
+  @jax.jit
   def loss(p):
     out, _ = nets.forward(net, {"params": p}, x)
     return losses.joint_cross_entropy(out.logits, labels, jnp.ones(2))[0]
@@ -79,7 +80,7 @@ def _check_network_gradient():
   keys = jax.random.split(jax.random.key(2), len(leaves))
   direction = treedef.unflatten([jax.random.normal(k, l.shape, jnp.float64)
                                  for k, l in zip(keys, leaves)])
-  grad = jax.grad(loss)(params)
+  grad = jax.jit(jax.grad(loss))(params)
   analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
   eps = 1e-7
   shifted = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, params, direction)
