@@ -105,10 +105,14 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
       expected = cost.expected(fractions, seg)
       batches = _batches(images, b, batch1_samples if b == 1 else max_samples)
       model.warmup([b])
-      seconds = timing.interleaved_medians(
-          {"baseline": functools.partial(timing.stream, baseline, batches),
-           "branchy": functools.partial(timing.stream, model.predict, batches)},
-          repeats=repeats, warmup=1)
+      runners = {"baseline": functools.partial(timing.stream, baseline, batches),
+                 "branchy": functools.partial(timing.stream, model.predict, batches)}
+      if b == 1:  # The other batch-1 strategy, timed alongside (`cascade` on latency_mode).
+        other = cascade.Cascade(net, variables, choice["thresholds"], criterion=criterion,
+                                bucket_net=net_for, latency_mode="cond")
+        other.warmup([1])
+        runners["cond"] = functools.partial(timing.stream, other.predict, batches)
+      seconds = timing.interleaved_medians(runners, repeats=repeats, warmup=1)
       n = len(batches) * b
       row = {
           "network": net.name, "dataset": config.dataset, "split": "test", "device": _device(),
@@ -124,6 +128,10 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
           "timing": {"samples_per_pass": n, "repeats": repeats, "statistic": "median pass",
                      "model_options": options_for(b),
                      "cpu_cores": len(os.sched_getaffinity(0)),
+                     "latency_mode": model.latency_mode if b == 1 else None,
+                     "latency_modes_ms_per_sample": (
+                         {model.latency_mode: 1e3 * seconds["branchy"] / n,
+                          "cond": 1e3 * seconds["cond"] / n} if b == 1 else None),
                      "async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch"))},
       }
       rows.append(row)
@@ -188,4 +196,8 @@ def format_row(row: dict) -> str:
   branchy = f"{dev:<12} {row['network']:<10} {row['batch_size']:>5} {row['criterion']:<9} " \
             f"{100 * br['accuracy']:>6.2f} {br['ms_per_sample']:>10.4f} " \
             f"{row['speedup']:>5.2f}x {row['ideal_speedup']:>5.2f}x  T={thresholds} / {exits}"
+  modes = row.get("timing", {}).get("latency_modes_ms_per_sample")
+  if modes:
+    branchy += "\n" + " " * 13 + "batch-1 strategies, ms/sample: " + ", ".join(
+        f"{mode} {ms:.4f}" for mode, ms in modes.items())
   return main + "\n" + branchy

@@ -78,6 +78,10 @@ def test_a_second_run_keeps_other_batch_sizes_and_replaces_its_own(trained):
   assert [r["batch_size"] for r in both] == [1, 3] and both[0] == first[0]
   assert [r["batch_size"] for r in again] == [1, 3] and again[1] == both[1]
   assert again[0]["timing"]["cpu_cores"] == len(os.sched_getaffinity(0))
+  modes = again[0]["timing"]["latency_modes_ms_per_sample"]  # Both batch-1 strategies.
+  assert set(modes) == {"host", "cond"} and min(modes.values()) > 0
+  assert modes["host"] == again[0]["branchy"]["ms_per_sample"]
+  assert again[1]["timing"]["latency_modes_ms_per_sample"] is None
 
 
 def test_cli_without_cached_or_trained_model_explains(tmp_path):
