@@ -69,10 +69,11 @@ def test_pooled_conv_matches_conv_then_numpy_pool(conv_case, impl, pool):
   variables = {"params": {"kernel": kernel, "bias": bias}}
   got = jax.jit(conv.apply)(variables, x)
   np.testing.assert_allclose(got, _numpy_pool_ceil(np.asarray(want), pool), atol=1e-5, rtol=1e-5)
-  g = jax.grad(lambda v: jnp.sum(conv.apply(v, x) ** 2))(variables)["params"]["kernel"]
   ref = layers.Conv(cout, k, padding=pad, impl="xla", pool=pool)
-  want_g = jax.grad(lambda v: jnp.sum(ref.apply(v, x) ** 2))(variables)["params"]["kernel"]
-  np.testing.assert_allclose(g, want_g, atol=1e-3 * float(jnp.max(jnp.abs(want_g))), rtol=1e-4)
+  grads = lambda m: jax.grad(lambda v, x: jnp.sum(m.apply(v, x) ** 2), (0, 1))(variables, x)
+  (got_v, got_x), (want_v, want_x) = grads(conv), grads(ref)
+  for g, want_g in ((got_v["params"]["kernel"], want_v["params"]["kernel"]), (got_x, want_x)):
+    np.testing.assert_allclose(g, want_g, atol=1e-3 * float(jnp.max(jnp.abs(want_g))), rtol=1e-4)
 
 
 def test_phase_impl_without_pool_is_refused():
