@@ -42,13 +42,19 @@ sample leaving at exit 1, is one dispatch of the cheapest program; a sample that
 goes on pays another dispatch and the recomputed trunk (B-LeNet: conv1, 12% of the
 main path's FLOPs, for 5% of samples). ``"cond"`` runs one program with nested
 `lax.cond` between segments (never vmapped: under vmap cond becomes select and runs
-every branch). ``"batched"`` sends batch 1 down the batched path. ``"auto"`` picks
-"host": on trained B-LeNet at batch 1 on one core (2026-11-30, 5% of samples going
-on, the benchmark's layers) it took 64-66 us per sample against 83-86 for "cond"
-and 159-165 for "batched" in the same runs (main path 140-148). XLA's conditional
-cost about 10 us even when the branch taken only returns, more than the second
-dispatch of the few that continue; handing the stage-1 activation on as a second
-output cost about 20 us on every sample, more than recomputing it for the few.
+every branch). ``"batched"`` sends batch 1 down the batched path.
+
+``"auto"`` picks "host" when the trunk that the last exit's program recomputes is
+cheap (at most `HOST_MAX_RECOMPUTE_FLOPS` by XLA's count), else "cond". On trained
+B-LeNet (0.2 MFLOP recomputed) at batch 1 on one core (2026-11-30, 5% of samples
+going on, the benchmark's layers) "host" took 64-66 us per sample against 83-86
+for "cond" and 159-165 for "batched" in the same runs (main path 140-148): XLA's
+conditional cost about 10 us even when the branch taken only returns, more than
+the second dispatch of the few that continue, and handing the stage-1 activation
+on as a second output cost about 20 us on every sample, more than recomputing it.
+With random weights and 40% of samples going on, "cond" won where the trunk is
+costly: B-AlexNet (33 MFLOP) 0.89 against 1.31 ms, B-ResNet-110 (146 MFLOP) 5.1
+against 6.6 ms.
 
 On a mesh (``mesh=``, see `parallel`) every program is compiled with shardings: each
 stage's bucket-sized batch is split over the mesh's data axis (buckets are multiples
@@ -80,6 +86,9 @@ from bnet_jax import criteria, nets, parallel
 
 LATENCY_MODES = ("auto", "host", "cond", "batched")
 DEFAULT_CHUNK_SIZE = 2048
+# "auto" runs batch 1 as "host" when its recomputed trunk is at most this many FLOPs
+# per sample (about the 10-20 us that "host" saves, at a few GFLOP/s on tiny layers).
+HOST_MAX_RECOMPUTE_FLOPS = 1e6
 _F32 = np.dtype(np.float32)
 
 
@@ -207,8 +216,9 @@ class Cascade:
       smallest bucket that holds it. Default: powers of two.
     chunk_size: batches larger than this run in chunks of this size (None: never).
       With explicit buckets, chunks never exceed the largest bucket.
-    latency_mode: batch-1 strategy: "host", "cond", "batched" or "auto" (the
-      fastest measured, "host").
+    latency_mode: batch-1 strategy: "host", "cond", "batched" or "auto" ("host"
+      for networks whose early trunk is cheap to recompute, else "cond"; resolved
+      when batch 1 is first run or warmed up).
     params_as_constants: compile parameters into the programs (faster dispatch; one
       cascade per set of variables) instead of passing them on every call.
     mesh: split every stage's batch over this mesh's data axis (None: one device).
@@ -235,7 +245,7 @@ class Cascade:
     self.net = net
     self.criterion = criterion
     self.thresholds = check_thresholds(net, thresholds, criterion)
-    self.latency_mode = "host" if latency_mode == "auto" else latency_mode
+    self.latency_mode = latency_mode
     self._mesh = mesh
     self._rows = self._whole = None  # Shardings of batch-sized and whole arrays (mesh only).
     if mesh is not None:
@@ -438,11 +448,26 @@ class Cascade:
   def _one_programs(self) -> tuple:
     """The batch-1 programs, run in turn until one returns an exit (see `_run_one`)."""
     if self._one is None:
+      if self.latency_mode == "auto":
+        self.latency_mode = ("host" if self._recompute_flops() <= HOST_MAX_RECOMPUTE_FLOPS
+                             else "cond")
       if self.latency_mode == "cond":
         self._one = (self._cond_program(),)
       else:
         self._one = tuple(self._exit_program(k) for k in range(self.net.num_exits))
     return self._one
+
+  def _recompute_flops(self) -> float:
+    """Per-sample FLOPs of the trunk before the last exit's segment (XLA's count)."""
+    before = [i for s in segments(self.net)[:-1] for i in s]
+
+    def trunk(variables, x):
+      for i in before:
+        x, _ = nets.apply_trunk(self.net, variables, i, x)
+      return x
+
+    analysis = jax.jit(trunk).lower(self._variables, self._spec(0, 1)).cost_analysis()
+    return float(analysis.get("flops", 0.0)) if before else 0.0
 
   def _exit_program(self, k: int) -> Any:
     """(x (1, H, W, C), T (E-1,)) -> (3, 1) int32: exit k from the input image.

@@ -211,6 +211,18 @@ def test_batch_one_is_identical_to_reference_at_batch_one(blenet, tiny, mode):
       np.testing.assert_allclose(pred.score, ref.score, atol=1e-5)  # Other programs.
 
 
+def test_auto_latency_mode_recomputes_only_a_cheap_trunk(blenet):
+  """B-LeNet's conv1 is cheap to recompute ("host"); B-AlexNet's first stage is not."""
+  lenet_cas = cascade.Cascade(blenet.net, blenet.variables, [0.5])
+  alexnet = nets.get("b_alexnet")
+  alex_cas = cascade.Cascade(alexnet, random_variables(alexnet, 0), [0.5, 0.5])
+  assert lenet_cas.latency_mode == alex_cas.latency_mode == "auto"
+  for cas, want in ((lenet_cas, "host"), (alex_cas, "cond")):
+    cas.warmup([1])
+    assert cas.latency_mode == want
+  assert lenet_cas.num_compiled == 2 and alex_cas.num_compiled == 1
+
+
 def test_chunks_buckets_and_parameters_as_arguments(tiny):
   t = random_thresholds(tiny.all_scores("entropy"), np.random.default_rng(3))
   for options in ({"chunk_size": 16, "buckets": (4, 16)}, {"buckets": (8, 24)},
