@@ -132,15 +132,30 @@ def segment_fn(net: nets.Network, k: int, criterion: str = "entropy"
     feeds segment k+1, logits (B, C) and score (B,). Runs in eval mode.
   """
   stages = segments(net)[k]
-  score_fn = criteria.get(criterion)
+  trunk, score_fn = _trunk_fn(net, stages), criteria.get(criterion)
 
   def run(variables: nets.Variables, h: jax.Array):
-    for i in stages:
-      h, _ = nets.apply_trunk(net, variables, i, h)
+    h = trunk(variables, h)
     logits, _ = nets.apply_head(net, variables, stages[-1], h)
     return h, logits, score_fn(logits)
 
   return run
+
+
+def _trunk_fn(net: nets.Network, stages: Sequence[int]
+              ) -> Callable[[nets.Variables, jax.Array], jax.Array]:
+  """Trunk stages `stages` in order, no heads, as ``(variables, h) -> h`` (eval mode)."""
+  def run(variables: nets.Variables, h: jax.Array) -> jax.Array:
+    for i in stages:
+      h, _ = nets.apply_trunk(net, variables, i, h)
+    return h
+
+  return run
+
+
+def _stages_before(net: nets.Network, k: int) -> list[int]:
+  """The trunk stages of every segment before exit k's."""
+  return [i for s in segments(net)[:k] for i in s]
 
 
 def check_thresholds(net: nets.Network, thresholds: Any, criterion: str) -> np.ndarray:
@@ -459,15 +474,11 @@ class Cascade:
 
   def _recompute_flops(self) -> float:
     """Per-sample FLOPs of the trunk before the last exit's segment (XLA's count)."""
-    before = [i for s in segments(self.net)[:-1] for i in s]
-
-    def trunk(variables, x):
-      for i in before:
-        x, _ = nets.apply_trunk(self.net, variables, i, x)
-      return x
-
-    analysis = jax.jit(trunk).lower(self._variables, self._spec(0, 1)).cost_analysis()
-    return float(analysis.get("flops", 0.0)) if before else 0.0
+    before = _stages_before(self.net, self.net.num_exits - 1)
+    if not before:
+      return 0.0
+    trunk = jax.jit(_trunk_fn(self.net, before))
+    return float(trunk.lower(self._variables, self._spec(0, 1)).cost_analysis().get("flops", 0.0))
 
   def _exit_program(self, k: int) -> Any:
     """(x (1, H, W, C), T (E-1,)) -> (3, 1) int32: exit k from the input image.
@@ -477,13 +488,10 @@ class Cascade:
     """
     net = self._bucket_net(1) if self._bucket_net is not None else self.net
     seg, last, name = self._segment(k, 1), k == self.net.num_exits - 1, self.criterion
-    before = [i for s in segments(self.net)[:k] for i in s]
+    trunk = _trunk_fn(net, _stages_before(self.net, k))
 
     def run(variables, x, t):
-      h = x
-      for i in before:
-        h, _ = nets.apply_trunk(net, variables, i, h)
-      _, logits, score = seg(variables, h)
+      _, logits, score = seg(variables, trunk(variables, x))
       leave = jnp.bool_(True) if last else criteria.exits(name, score[0], t[k])
       return _one_record(logits, score, jnp.where(leave, k, -1))
 

@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-CONV_IMPLS = ("xla", "tapwise", "shifted", "im2col", "xla_pad8", "xla_dotgrad", "shifted_dotgrad",
-              "phase", "phase_im2col")
+CONV_IMPLS = ("xla", "tapwise", "shifted", "im2col", "xla_pad8", "xla_dotgrad",
+              "shifted_dotgrad", "phase", "phase_im2col")
 PHASE_IMPLS = ("phase", "phase_im2col")
 
 
@@ -84,7 +84,7 @@ def _shifted_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
 def _tapwise_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
   """`_xla_conv` as one matmul for every tap at once, then a sum of k*k shifted slices.
 
-  With xp the zero-padded input, z[p, q, a, b] = xp[p, q] @ kernel[a, b] and output
+  (B, H, W, C_in) * (k, k, C_in, C_out) HWIO -> (B, Ho, Wo, C_out). With xp the zero-padded input, z[p, q, a, b] = xp[p, q] @ kernel[a, b] and output
   (i, j) is the sum over taps (a, b) of z[i + a, j + b, a, b].
   """
   k, _, cin, cout = kernel.shape
@@ -134,7 +134,8 @@ def _with_dot_kernel_grad(conv: Callable) -> Callable:
   return wrapped
 
 
-_CONVS = {"xla": _xla_conv, "tapwise": _tapwise_conv, "shifted": _shifted_conv, "xla_pad8": _padded_conv,
+_CONVS = {"xla": _xla_conv, "tapwise": _tapwise_conv, "shifted": _shifted_conv,
+          "xla_pad8": _padded_conv,
           "xla_dotgrad": _with_dot_kernel_grad(_xla_conv),
           "shifted_dotgrad": _with_dot_kernel_grad(_shifted_conv)}
 
