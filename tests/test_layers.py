@@ -60,7 +60,7 @@ def _numpy_pool_ceil(x: np.ndarray, window: int) -> np.ndarray:
   return out
 
 
-@pytest.mark.parametrize("impl", ("shifted",) + layers.PHASE_IMPLS)
+@pytest.mark.parametrize("impl", ("shifted", "batch_minor") + layers.PHASE_IMPLS)
 @pytest.mark.parametrize("pool", [2, 3])
 def test_pooled_conv_matches_conv_then_numpy_pool(conv_case, impl, pool):
   """Conv(pool=p) = lax conv, then ceil max pooling; odd sizes exercise the ragged edge."""

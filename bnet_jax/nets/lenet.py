@@ -62,13 +62,14 @@ class MainExit(nn.Module):
     return nn.Dense(10)(h)
 
 
-def b_lenet(conv1_impl: str = "xla", conv_impl: str = "xla_dotgrad",
+def b_lenet(conv1_impl: str = "batch_minor", conv_impl: str = "xla_dotgrad",
             exit_conv_impl: str | None = None) -> Network:
   """B-LeNet for MNIST-sized input.
 
-  The defaults are the fastest for training at batch 512 on CPU. For inference
-  alone, "shifted"/"xla" was faster at batch 256 and "im2col"/"im2col" at batch 1
-  (XLA's CPU convolution with one input channel is slow forward; its gradient is not).
+  The defaults are the fastest for training at batch 512 on CPU (XLA's CPU
+  convolution with one input channel is slow; "batch_minor" avoids it). For
+  inference, `nets.inference_options` gives the fastest implementations by batch
+  size.
 
   Args:
     conv1_impl: implementation of the one-input-channel first convolution (see
