@@ -1,7 +1,8 @@
 r"""Joint training throughput (images/s) of a network, layer implementations side by side.
 
   python -m experiments.benchmark_train --model=b_lenet --batch_size=512 \
-      --variants=batch_minor/xla_dotgrad,xla/xla_dotgrad,xla/xla [--json=throughput.json]
+      --variants=batch_minor/xla_pad8_dotgrad,batch_minor/xla_dotgrad,xla/xla \
+      [--json=throughput.json]
 
 A variant is CONV1_IMPL/CONV_IMPL (see bnet_jax/nets/layers.py). Each variant's
 jitted joint train step is compiled and warmed up, then the variants are timed in
@@ -24,8 +25,9 @@ from bnet_jax import nets, runtime, timing, train
 
 _MODEL = flags.DEFINE_string("model", "b_lenet", "Registered network name.")
 _BATCH = flags.DEFINE_integer("batch_size", 512, "Training batch size.")
-_VARIANTS = flags.DEFINE_list("variants", ["batch_minor/xla_dotgrad", "xla/xla_dotgrad", "xla/xla"],
-                              "CONV1_IMPL/CONV_IMPL; the first is b_lenet's default.")
+_VARIANTS = flags.DEFINE_list(
+    "variants", ["batch_minor/xla_pad8_dotgrad", "batch_minor/xla_dotgrad", "xla/xla"],
+    "CONV1_IMPL/CONV_IMPL; the first is b_lenet's default.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Train steps per timed repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per variant.")
 _JSON = flags.DEFINE_string("json", None, "Write the results here as JSON.")

@@ -26,10 +26,12 @@ implementation, so a checkpoint trained with one runs with another:
   8 (the padded outputs are dropped): XLA's CPU convolution vectorises channels in
   groups of 8 floats. B-LeNet's stage 2 (5->10 and 10->20 channels) ran 23% faster
   at batch 256 and 2048 (46 vs 60 us per sample) and 17% faster at batch 1.
-- ``"xla_dotgrad"``, ``"shifted_dotgrad"``: as ``"xla"``/``"shifted"``, but the
-  kernel gradient is k*k matmuls over shifted views (see `_kernel_grad`); the same
-  forward pass, a faster backward pass. (Channel padding, ``"xla_pad8"`` with this
-  gradient, trained no faster: 2,031 vs 2,028 images/s at batch 512, 2026-11-30.)
+- ``"xla_dotgrad"``, ``"shifted_dotgrad"``, ``"xla_pad8_dotgrad"``: as ``"xla"``,
+  ``"shifted"``, ``"xla_pad8"``, but the kernel gradient is k*k matmuls over
+  shifted views (see `_kernel_grad`); the same forward pass, a faster backward
+  pass. B-LeNet's joint train step at batch 512 ran 3-9% faster with
+  ``"xla_pad8_dotgrad"`` than with ``"xla_dotgrad"`` for exit 1 and stage 2
+  (three runs, 2026-11-30).
 
 A convolution followed by max pooling (`Conv(..., pool=2)`) can also be computed
 *by pooling phase* (``"phase"``, ``"phase_im2col"``): the conv outputs that land in
@@ -51,7 +53,7 @@ import numpy as np
 from jax import lax
 
 CONV_IMPLS = ("xla", "tapwise", "shifted", "im2col", "batch_minor", "xla_pad8",
-              "xla_dotgrad", "shifted_dotgrad", "phase", "phase_im2col")
+              "xla_dotgrad", "shifted_dotgrad", "xla_pad8_dotgrad", "phase", "phase_im2col")
 PHASE_IMPLS = ("phase", "phase_im2col")
 
 
@@ -171,7 +173,8 @@ def _with_dot_kernel_grad(conv: Callable) -> Callable:
 _CONVS = {"xla": _xla_conv, "tapwise": _tapwise_conv, "shifted": _shifted_conv,
           "xla_pad8": _padded_conv,
           "xla_dotgrad": _with_dot_kernel_grad(_xla_conv),
-          "shifted_dotgrad": _with_dot_kernel_grad(_shifted_conv)}
+          "shifted_dotgrad": _with_dot_kernel_grad(_shifted_conv),
+          "xla_pad8_dotgrad": _with_dot_kernel_grad(_padded_conv)}
 
 
 def _phase_conv_pool(x: jax.Array, kernel: jax.Array, pad: int, pool: int,

@@ -62,7 +62,7 @@ class MainExit(nn.Module):
     return nn.Dense(10)(h)
 
 
-def b_lenet(conv1_impl: str = "batch_minor", conv_impl: str = "xla_dotgrad",
+def b_lenet(conv1_impl: str = "batch_minor", conv_impl: str = "xla_pad8_dotgrad",
             exit_conv_impl: str | None = None) -> Network:
   """B-LeNet for MNIST-sized input.
 
