@@ -10,11 +10,13 @@ Variants (pick one with ``--config=experiments/configs/lenet_mnist.py:VARIANT``)
   main phase 98.65%, at most 98.94% over 30 checkpoints); with beta1 0.99 and 5,000
   held out, 98.63% after the main phase. Neither closes the gap to the paper's
   99.20/99.25%: with a constant learning rate and no regularisation the network
-  overfits (train accuracy 99.7-100%), and ``tuned`` reaches 99.26% with the same
+  overfits (train accuracy 99.7-100%), and ``tuned`` reaches 99.36% with the same
   architecture and initialisation.
 - ``tuned``: the same architecture trained for accuracy in about 15 minutes on a
   2-core CPU: joint from the start, AdamW with warmup + cosine decay, light random
-  shifts.
+  shifts, 60 epochs. Measured 2026-11-30: 850.6 s, test 99.36% final / 99.01%
+  exit 1. The epoch count was chosen on validation: 30 epochs (434 s) gave 99.20%
+  there, 60 gave 99.32%.
 - ``smoke``: a few steps, for checking that everything runs (seconds).
 
 Launch::
@@ -39,7 +41,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     pass
   elif variant == "tuned":
     c.main_epochs = 0
-    c.joint_epochs = 30
+    c.joint_epochs = 60
     c.batch_size = 256
     c.beta1 = 0.9
     c.learning_rate = 3e-3
