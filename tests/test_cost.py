@@ -36,3 +36,17 @@ def test_expected_cost_and_ideal_speedup():
   np.testing.assert_allclose(cost.cumulative(seg), [400.0, 1800.0])
   assert cost.expected([0.94, 0.06], seg) == pytest.approx(0.94 * 400 + 0.06 * 1800)
   assert cost.expected([0.0, 1.0], seg) == 1800.0
+
+
+def test_flops_count_arithmetic_not_layer_implementations(blenet):
+  # Channel-padded convolutions compute more; the count is the network's own.
+  net, variables = blenet
+  padded = nets.get("b_lenet", conv1_impl="xla_pad8", conv_impl="xla_pad8")
+  x = jax.numpy.zeros((1, *net.input_shape))
+  as_run = cost.compiled_flops(lambda v, x: nets.main_logits(padded, v, x), variables, x)
+  assert as_run > 1.5 * cost.main_path_flops(net, variables)
+  assert cost.main_path_flops(padded, variables) == cost.main_path_flops(net, variables)
+  assert cost.segment_flops(padded, variables) == cost.segment_flops(net, variables)
+  swapped = padded.with_conv_impl("xla")
+  assert {s.trunk.conv_impl for s in swapped.stages} == {"xla"}
+  assert swapped.stages[0].head.conv_impl == "xla"

@@ -68,6 +68,19 @@ class Network:
   def num_exits(self) -> int:
     return len(self.exit_stages)
 
+  def with_conv_impl(self, impl: str = "xla") -> Network:
+    """The same network with every stage module's convolutions implemented by `impl`.
+
+    Implementations share parameters (see `layers.Conv`), so the result runs the
+    same variables. Stage modules name their implementation field ``conv_impl``.
+    """
+    def swap(module: nn.Module | None) -> nn.Module | None:
+      if module is None or not hasattr(module, "conv_impl"):
+        return module
+      return module.clone(conv_impl=impl)
+    return dataclasses.replace(self, stages=tuple(
+        Stage(swap(s.trunk), swap(s.head)) for s in self.stages))
+
   def main_network(self, name: str | None = None) -> Network:
     """The plain network: every trunk stage and only the last (main) head."""
     last = len(self.stages) - 1
