@@ -9,8 +9,8 @@ Variants (pick one with ``--config=experiments/configs/lenet_mnist.py:VARIANT``)
   --config.num_validation=0``): test 98.93% final / 98.42% exit 1 (LeNet after the
   main phase 98.65%, at most 98.94% over 30 checkpoints); as configured (beta1
   0.99, 5,000 held out), test 98.75% final / 98.50% exit 1 in 1,842 s. Neither
-  closes the gap to the paper's
-  99.20/99.25%: with a constant learning rate and no regularisation the network
+  closes the gap to the paper's 99.20/99.25%: with a constant learning rate and no
+  regularisation the network
   overfits (train accuracy 99.7-100%), and ``tuned`` reaches 99.36% with the same
   architecture and initialisation.
 - ``tuned``: the same architecture trained for accuracy in about 15 minutes on a
