@@ -10,9 +10,8 @@ Variants (pick one with ``--config=experiments/configs/lenet_mnist.py:VARIANT``)
   main phase 98.65%, at most 98.94% over 30 checkpoints); as configured (beta1
   0.99, 5,000 held out), test 98.75% final / 98.50% exit 1 in 1,842 s. Neither
   closes the gap to the paper's 99.20/99.25%: with a constant learning rate and no
-  regularisation the network
-  overfits (train accuracy 99.7-100%), and ``tuned`` reaches 99.36% with the same
-  architecture and initialisation.
+  regularisation the network overfits (train accuracy 99.7-100%), and ``tuned``
+  reaches 99.36% with the same architecture and initialisation.
 - ``tuned``: the same architecture trained for accuracy in about 15 minutes on a
   2-core CPU: joint from the start, AdamW with warmup + cosine decay, light random
   shifts, 60 epochs. Measured 2026-11-30: 850.6 s, test 99.36% final / 99.01%
