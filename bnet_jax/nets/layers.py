@@ -12,9 +12,9 @@ implementation, so a checkpoint trained with one runs with another:
   moves whole rows of B floats and every matmul (forward and both gradients) has
   one long axis. B-LeNet's conv1 (one input channel) took 25 ms forward and
   backward at batch 512 against 94 ms with ``"xla"``, and the joint train step ran
-  18-37% faster with it in nine paired runs (2026-11-30). Wider layers gained less in isolation, and
-  inside the network lost: XLA fused the transposes back to (B, H, W, C) into the
-  gradient's patch sums.
+  18-37% faster with it in nine paired runs (2026-11-30). Wider layers gained
+  less in isolation, and inside the network lost: XLA fused the transposes back to
+  (B, H, W, C) into the gradient's patch sums.
 - ``"tapwise"``: the padded input times every tap's (C_in, C_out) matrix in one
   matmul, then the k*k shifted slices of that product summed. At batch 1 XLA's
   convolution costs several times its arithmetic: with this form B-LeNet's exit-1
@@ -65,6 +65,14 @@ def _patches(x: jax.Array, k: int, pad: int) -> list[jax.Array]:
   return [xp[:, i:i + ho, j:j + wo, :] for i in range(k) for j in range(k)]
 
 
+def _batch_minor_patches(x: jax.Array, k: int, pad: int) -> list[jax.Array]:
+  """`_patches` with the batch axis last: the k*k views of `x` (B, H, W, C), each
+  (C, Ho, Wo, B), taken from one transposed, zero-padded copy."""
+  xt = jnp.pad(jnp.transpose(x, (3, 1, 2, 0)), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  ho, wo = xt.shape[1] - k + 1, xt.shape[2] - k + 1
+  return [xt[:, i:i + ho, j:j + wo] for i in range(k) for j in range(k)]
+
+
 def _xla_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
   """(B, H, W, C_in) * (k, k, C_in, C_out) HWIO -> (B, Ho, Wo, C_out)."""
   return lax.conv_general_dilated(x, kernel, (1, 1), [(pad, pad)] * 2,
@@ -93,8 +101,9 @@ def _shifted_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
 def _tapwise_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
   """`_xla_conv` as one matmul for every tap at once, then a sum of k*k shifted slices.
 
-  (B, H, W, C_in) * (k, k, C_in, C_out) HWIO -> (B, Ho, Wo, C_out). With xp the zero-padded input, z[p, q, a, b] = xp[p, q] @ kernel[a, b] and output
-  (i, j) is the sum over taps (a, b) of z[i + a, j + b, a, b].
+  (B, H, W, C_in) * (k, k, C_in, C_out) HWIO -> (B, Ho, Wo, C_out). With xp the
+  zero-padded input, z[p, q, a, b] = xp[p, q] @ kernel[a, b] and output (i, j) is
+  the sum over taps (a, b) of z[i + a, j + b, a, b].
   """
   k, _, cin, cout = kernel.shape
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
@@ -109,7 +118,8 @@ def _batch_minor_conv_pool(x: jax.Array, kernel: jax.Array, pad: int, pool: int
                            ) -> jax.Array:
   """`_xla_conv` (then `max_pool_ceil` if pool > 1) as one matmul, batch axis last.
 
-  (B, H, W, C_in) -> (B, Ho, Wo, C_out), pooled: (B, ceil(Ho / pool), ceil(Wo / pool), C_out).
+  (B, H, W, C_in) -> (B, Ho, Wo, C_out); pooled,
+  (B, ceil(Ho / pool), ceil(Wo / pool), C_out).
   The input is transposed to (C_in, H, W, B); the k*k shifted views stacked on the
   channel axis are the (k*k*C_in, Ho*Wo*B) patch matrix, and the output is
   kernel^T (C_out, k*k*C_in) @ patches. Every copy, the pool and its gradient then
@@ -117,12 +127,10 @@ def _batch_minor_conv_pool(x: jax.Array, kernel: jax.Array, pad: int, pool: int
   gradient, input gradient) have one long dimension, whatever the channel counts.
   """
   k, _, cin, cout = kernel.shape
-  b = x.shape[0]
-  xt = jnp.pad(jnp.transpose(x, (3, 1, 2, 0)), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  ho, wo = xt.shape[1] - k + 1, xt.shape[2] - k + 1
-  cols = jnp.concatenate([xt[:, i:i + ho, j:j + wo] for i in range(k) for j in range(k)])
+  views = _batch_minor_patches(x, k, pad)
+  cols = jnp.concatenate(views)
   y = (kernel.reshape(k * k * cin, cout).T @ cols.reshape(k * k * cin, -1)
-       ).reshape(cout, ho, wo, b)
+       ).reshape(cout, *views[0].shape[1:])
   if pool > 1:
     y = max_pool_ceil(y, pool)  # (C, H, W, B) pools as (B, H, W, C) does.
   return jnp.transpose(y, (3, 1, 2, 0))
@@ -147,11 +155,8 @@ def _kernel_grad(x: jax.Array, g: jax.Array, k: int, pad: int) -> jax.Array:
     g: (B, Ho, Wo, C_out) cotangent of the convolution output.
   """
   cin, cout = x.shape[-1], g.shape[-1]
-  ho, wo = g.shape[1], g.shape[2]
-  xc = jnp.pad(jnp.transpose(x, (3, 1, 2, 0)), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   gt = jnp.transpose(g, (1, 2, 0, 3)).reshape(-1, cout)
-  taps = [xc[:, i:i + ho, j:j + wo].reshape(cin, -1) @ gt
-          for i in range(k) for j in range(k)]
+  taps = [v.reshape(cin, -1) @ gt for v in _batch_minor_patches(x, k, pad)]
   return jnp.stack(taps).reshape(k, k, cin, cout)
 
 
