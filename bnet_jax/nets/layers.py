@@ -73,6 +73,22 @@ def _batch_minor_patches(x: jax.Array, k: int, pad: int) -> list[jax.Array]:
   return [xt[:, i:i + ho, j:j + wo] for i in range(k) for j in range(k)]
 
 
+def _batch_minor_cols(x: jax.Array, k: int, pad: int) -> jax.Array:
+  """The patch matrix of `x` (B, H, W, C) with the batch axis last: (k*k*C, Ho, Wo, B).
+
+  Row (i*k + j)*C + c holds channel c shifted by tap (i, j): the concatenated
+  `_batch_minor_patches`, built in two steps (k row shifts, then k column shifts
+  of those). Concatenating the k*k views directly made XLA write each view and
+  then copy it again: B-LeNet's conv1 patches took 9.9 against 4.2 ms at batch
+  512, and the joint train step ran 9% faster this way (2026-11-30).
+  """
+  xt = jnp.pad(jnp.transpose(x, (3, 1, 2, 0)), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  ho, wo = xt.shape[1] - k + 1, xt.shape[2] - k + 1
+  rows = jnp.stack([xt[:, i:i + ho] for i in range(k)])  # (k, C, Ho, W + 2 pad, B)
+  cols = jnp.stack([rows[:, :, :, j:j + wo] for j in range(k)], axis=1)
+  return cols.reshape(-1, ho, wo, xt.shape[3])
+
+
 def _xla_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
   """(B, H, W, C_in) * (k, k, C_in, C_out) HWIO -> (B, Ho, Wo, C_out)."""
   return lax.conv_general_dilated(x, kernel, (1, 1), [(pad, pad)] * 2,
@@ -127,10 +143,9 @@ def _batch_minor_conv_pool(x: jax.Array, kernel: jax.Array, pad: int, pool: int
   gradient, input gradient) have one long dimension, whatever the channel counts.
   """
   k, _, cin, cout = kernel.shape
-  views = _batch_minor_patches(x, k, pad)
-  cols = jnp.concatenate(views)
+  cols = _batch_minor_cols(x, k, pad)
   y = (kernel.reshape(k * k * cin, cout).T @ cols.reshape(k * k * cin, -1)
-       ).reshape(cout, *views[0].shape[1:])
+       ).reshape(cout, *cols.shape[1:])
   if pool > 1:
     y = max_pool_ceil(y, pool)  # (C, H, W, B) pools as (B, H, W, C) does.
   return jnp.transpose(y, (3, 1, 2, 0))
