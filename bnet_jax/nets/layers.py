@@ -80,7 +80,8 @@ def _batch_minor_cols(x: jax.Array, k: int, pad: int) -> jax.Array:
   `_batch_minor_patches`, built in two steps (k row shifts, then k column shifts
   of those). Concatenating the k*k views directly made XLA write each view and
   then copy it again: B-LeNet's conv1 patches took 9.9 against 4.2 ms at batch
-  512, and the joint train step ran 9% faster this way (2026-11-30).
+  512, and the joint train step ran 4.7% faster this way (4,956 against 4,734
+  images/s, 21 interleaved repeats in one process, 2026-11-30).
   """
   xt = jnp.pad(jnp.transpose(x, (3, 1, 2, 0)), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   ho, wo = xt.shape[1] - k + 1, xt.shape[2] - k + 1
