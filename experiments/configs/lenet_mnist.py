@@ -17,7 +17,7 @@ Variants (pick one with ``--config=experiments/configs/lenet_mnist.py:VARIANT``)
   initialisation.
 - ``tuned``: the same architecture trained for accuracy in about 15 minutes on a
   2-core CPU: joint from the start, AdamW with warmup + cosine decay, light random
-  shifts, 60 epochs. Measured 2026-11-30: 850.6 s, test 99.36% final / 99.01%
+  shifts, 60 epochs. Measured 2026-11-30: 722.6 s, test 99.36% final / 99.01%
   exit 1. The epoch count was chosen on validation: 30 epochs (434 s) gave 99.20%
   there, 60 gave 99.32%.
 - ``smoke``: a few steps, for checking that everything runs (seconds).
