@@ -65,10 +65,15 @@ def _patches(x: jax.Array, k: int, pad: int) -> list[jax.Array]:
   return [xp[:, i:i + ho, j:j + wo, :] for i in range(k) for j in range(k)]
 
 
+def _batch_minor_padded(x: jax.Array, pad: int) -> jax.Array:
+  """(B, H, W, C) -> (C, H + 2 pad, W + 2 pad, B): transposed, spatially zero-padded."""
+  return jnp.pad(jnp.transpose(x, (3, 1, 2, 0)), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+
 def _batch_minor_patches(x: jax.Array, k: int, pad: int) -> list[jax.Array]:
   """`_patches` with the batch axis last: the k*k views of `x` (B, H, W, C), each
   (C, Ho, Wo, B), taken from one transposed, zero-padded copy."""
-  xt = jnp.pad(jnp.transpose(x, (3, 1, 2, 0)), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  xt = _batch_minor_padded(x, pad)
   ho, wo = xt.shape[1] - k + 1, xt.shape[2] - k + 1
   return [xt[:, i:i + ho, j:j + wo] for i in range(k) for j in range(k)]
 
@@ -83,7 +88,7 @@ def _batch_minor_cols(x: jax.Array, k: int, pad: int) -> jax.Array:
   512, and the joint train step ran 4.7% faster this way (4,956 against 4,734
   images/s, 21 interleaved repeats in one process, 2026-11-30).
   """
-  xt = jnp.pad(jnp.transpose(x, (3, 1, 2, 0)), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  xt = _batch_minor_padded(x, pad)
   ho, wo = xt.shape[1] - k + 1, xt.shape[2] - k + 1
   rows = jnp.stack([xt[:, i:i + ho] for i in range(k)])  # (k, C, Ho, W + 2 pad, B)
   cols = jnp.stack([rows[:, :, :, j:j + wo] for j in range(k)], axis=1)
