@@ -23,13 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnet_jax import cascade, checkpoint, cost, data, evaluate, nets, plots, selection, timing
+from bnet_jax import (cascade, checkpoint, cost, data, evaluate, nets, plots, runtime, selection,
+                      timing)
 
 
 def main_path_predictor(net: nets.Network, variables: nets.Variables
                         ) -> Callable[[np.ndarray], np.ndarray]:
   """The baseline: (B, H, W, C) host images -> (B,) host labels via the main path."""
-  fn = jax.jit(lambda x: jnp.argmax(nets.main_logits(net, variables, x), -1).astype(jnp.int32))
+  fn = runtime.jit(
+      lambda x: jnp.argmax(nets.main_logits(net, variables, x), -1).astype(jnp.int32))
   return lambda x: np.asarray(fn(x))
 
 
@@ -133,7 +135,7 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
                      "latency_modes_ms_per_sample": (
                          {model.latency_mode: 1e3 * seconds["branchy"] / n,
                           mode: 1e3 * seconds[mode] / n} if b == 1 else None),
-                     "async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch"))},
+                     "async_dispatch": bool(jax.config.values.get("jax_cpu_enable_async_dispatch", True))},
       }
       rows.append(row)
       print(format_row(row), flush=True)

@@ -8,8 +8,11 @@ refused with an error, never overwritten.
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
 import os
+import platform as host_platform
 from typing import Any, NamedTuple
 
 import jax
@@ -18,7 +21,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bnet_jax import nets
+from bnet_jax import nets, runtime
+
+RUNS_FILE = "runs.json"
+_PACKAGES = ("bnet-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
 
 
 class CheckpointMismatchError(ValueError):
@@ -121,13 +127,80 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def network(config: ml_collections.ConfigDict, **model_options: Any) -> nets.Network:
-  """The network a training config describes, with some layer options overridden."""
-  return nets.get(config.model, **{**config.model_options.to_dict(), **model_options})
+def network(config: ml_collections.ConfigDict, compute_dtype: str | None = None,
+            **model_options: Any) -> nets.Network:
+  """The network a training config describes, with some layer options overridden.
+
+  "auto" layer implementations are chosen for the running platform
+  (`nets.resolve_options`); none of them changes the parameters.
+
+  Args:
+    config: a training config.
+    compute_dtype: "float32", "bfloat16" or "auto" (None: the config's
+      ``compute_dtype``; float32 for configs written before it existed).
+    **model_options: options replacing the config's ``model_options``.
+  """
+  dtype = runtime.compute_dtype(compute_dtype or config.get("compute_dtype", "float32"))
+  return nets.get(config.model, dtype=dtype, **{**config.model_options.to_dict(), **model_options})
+
+
+def environment() -> dict:
+  """Where this process runs: package versions, backend, devices, Python."""
+  versions = {}
+  for name in _PACKAGES:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = None
+  devices = jax.devices()
+  return {"versions": versions, "python": host_platform.python_version(),
+          "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
+          "device_count": len(devices), "process_count": jax.process_count()}
+
+
+def runs(workdir: str) -> list[dict]:
+  """The training runs recorded in ``workdir/runs.json``, oldest first (may be empty)."""
+  path = os.path.join(workdir, RUNS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return json.load(f)["runs"]
+
+
+def record_run(workdir: str, start_step: int, net: nets.Network, model_options: dict,
+               compute_dtype: str) -> dict:
+  """Appends this run's resolved choices and environment to ``workdir/runs.json``.
+
+  What "auto" became on this platform is recorded here, beside config.json, which
+  keeps the user's fields as given. Process 0 writes; a resumed run (on any
+  backend) appends its own entry.
+
+  Returns:
+    The entry.
+  """
+  entry = {"start_step": int(start_step), "network": net.name,
+           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "model_options": dict(model_options), "compute_dtype": compute_dtype,
+           "xla_compiler_options": runtime.compiler_options(), **environment()}
+  if jax.process_index() == 0:
+    history = runs(workdir) + [entry]
+    path = os.path.join(workdir, RUNS_FILE)
+    with open(path + ".tmp", "w") as f:
+      json.dump({"runs": history}, f, indent=2)
+    os.replace(path + ".tmp", path)
+  return entry
+
+
+def trained_compute_dtype(workdir: str, config: ml_collections.ConfigDict) -> str:
+  """The compute dtype `workdir`'s newest training run used (float32 for older workdirs)."""
+  history = runs(workdir)
+  if history:
+    return history[-1]["compute_dtype"]
+  return runtime.compute_dtype(config.get("compute_dtype", "float32"))
 
 
 def load_trained(workdir: str, *, step: int | None = None, mesh: Mesh | None = None,
-                 **model_options: Any) -> Trained:
+                 compute_dtype: str | None = None, **model_options: Any) -> Trained:
   """The config, network and eval-mode variables of one of `workdir`'s checkpoints.
 
   Args:
@@ -136,6 +209,8 @@ def load_trained(workdir: str, *, step: int | None = None, mesh: Mesh | None = N
     mesh: restore every array replicated on this mesh (needed with several
       processes); None: on this process's first device. Either way the
       checkpoint may come from another device count.
+    compute_dtype: run the network in this dtype (None: the one it trained in,
+      `trained_compute_dtype`).
     **model_options: override the config's model options (e.g. a layer
       implementation for inference); parameters are unchanged by these.
 
@@ -146,7 +221,7 @@ def load_trained(workdir: str, *, step: int | None = None, mesh: Mesh | None = N
   step = latest_step(workdir) if step is None else step
   if step is None:
     raise FileNotFoundError(_untrained(workdir))
-  net = network(config, **model_options)
+  net = network(config, compute_dtype or trained_compute_dtype(workdir, config), **model_options)
   sharding = (jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) if mesh is None
               else NamedSharding(mesh, PartitionSpec()))
   with manager(workdir, create=False) as mngr:

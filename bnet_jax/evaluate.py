@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 from scipy import special
 
-from bnet_jax import checkpoint, criteria, data, nets, parallel, progress
+from bnet_jax import checkpoint, criteria, data, nets, parallel, progress, runtime
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,9 +37,9 @@ def _programs(net: nets.Network, mesh: Mesh) -> tuple[Callable, Callable]:
     hit = (jnp.argmax(logits, -1) == labels[None]) & mask[None]
     return jnp.sum(hit, axis=1, dtype=jnp.int32)
 
-  return (jax.jit(outputs, in_shardings=(replicated, rows),
+  return (runtime.jit(outputs, in_shardings=(replicated, rows),
                   out_shardings=parallel.data_sharding(mesh, axis=1)),
-          jax.jit(correct, in_shardings=(replicated, rows, rows, rows),
+          runtime.jit(correct, in_shardings=(replicated, rows, rows, rows),
                   out_shardings=replicated))
 
 

@@ -27,7 +27,8 @@ import optax
 
 from jax.sharding import Mesh
 
-from bnet_jax import augment, checkpoint, data, evaluate, losses, nets, parallel, progress, summary
+from bnet_jax import (augment, checkpoint, data, evaluate, losses, nets, parallel, progress, runtime,
+                      summary)
 
 
 @flax.struct.dataclass
@@ -157,9 +158,9 @@ def make_train_step(phase: Phase, tx: optax.GradientTransformation, augmentation
     return new_state, {"loss": loss, "loss_per_exit": per_exit, "accuracy_per_exit": accuracy}
 
   if mesh is None:
-    return jax.jit(step, donate_argnums=0)
+    return runtime.jit(step, donate_argnums=0)
   replicated = parallel.replicated(mesh)
-  return jax.jit(step, in_shardings=(replicated, parallel.data_sharding(mesh), replicated),
+  return runtime.jit(step, in_shardings=(replicated, parallel.data_sharding(mesh), replicated),
                  out_shardings=replicated, donate_argnums=0)
 
 
@@ -201,7 +202,10 @@ def _fmt(values) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config.model` on `config.dataset`, checkpointing into `workdir`.
 
-  Resumes from the newest checkpoint in `workdir`. Unless training stops early
+  Resumes from the newest checkpoint in `workdir`. "auto" layer implementations
+  and ``config.compute_dtype`` are chosen for the running platform; what they
+  became is appended to ``workdir/runs.json`` (`checkpoint.record_run`), and
+  config.json keeps the fields as given. Unless training stops early
   (`config.halt_after_steps`), ends by writing ``workdir/eval.json``:
   ``{"validation": {"num_examples", "accuracy_per_exit"}, "test": {...}}``.
 
@@ -214,7 +218,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns:
     The contents of eval.json (empty if halted early).
   """
-  net = nets.get(config.model, **config.model_options)
+  try:
+    dtype = runtime.compute_dtype(config.get("compute_dtype", "auto"))
+  except ValueError as e:
+    raise ValueError(f"Bad config: {e}") from None
+  options = nets.resolve_options(config.model, config.model_options.to_dict())
+  net = checkpoint.network(config, dtype, **options)
   validate_config(config, net)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh, "--config.batch_size")
@@ -235,6 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+  checkpoint.record_run(workdir, latest or 0, net, options, dtype)
 
   mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints)
   step = latest or 0

@@ -64,10 +64,10 @@ def segment_seconds(net: nets.Network, variables: nets.Variables, batch_size: in
   runners, h = {}, x
   for k in range(net.num_exits):
     seg = cascade.segment_fn(net, k)
-    fn = jax.jit(lambda h, seg=seg: seg(variables, h))
+    fn = runtime.jit(lambda h, seg=seg: seg(variables, h))
     runners[f"segment{k}"] = lambda fn=fn, h=h: jax.block_until_ready(fn(h))
     h = fn(h)[0]
-  main = jax.jit(lambda x: jnp.argmax(nets.main_logits(net, variables, x), -1))
+  main = runtime.jit(lambda x: jnp.argmax(nets.main_logits(net, variables, x), -1))
   runners["main"] = lambda: jax.block_until_ready(main(x))
   seconds = timing.interleaved_medians(runners, repeats=repeats, warmup=2)
   return [seconds[f"segment{k}"] for k in range(net.num_exits)], seconds["main"]

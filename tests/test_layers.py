@@ -1,9 +1,5 @@
 """Every layer implementation against its plain reference, values and gradients."""
 
-import os
-import subprocess
-import sys
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,7 +7,6 @@ import numpy as np
 import pytest
 from jax import lax
 
-from bnet_jax import runtime
 from bnet_jax.nets import layers
 
 # (batch, size, C_in, C_out, kernel, padding): B-LeNet's shapes, shrunk, and odd cases.
@@ -106,23 +101,3 @@ def test_max_pool_ceil_ties_route_to_first_maximum_like_reduce_window():
   loss = lambda pool: lambda x: jnp.sum(pool(x, 2) * jnp.arange(50.0).reshape(1, 5, 5, 2))
   np.testing.assert_array_equal(jax.jit(jax.grad(loss(layers.max_pool_ceil)))(x),
                                 jax.grad(loss(_reduce_window_pool))(x))
-
-
-def test_runtime_flags_are_accepted():
-  # XLA aborts at start-up on a flag it does not know: run a tiny jit in a fresh process.
-  code = ("from bnet_jax import runtime; runtime.configure(); import os, jax, jax.numpy as jnp;"
-          "print(os.environ['XLA_FLAGS']); print(jax.jit(lambda x: x + 1)(jnp.ones(2)).sum())")
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "XLA_FLAGS": ""})
-  assert result.returncode == 0, result.stderr
-  lines = result.stdout.split("\n")
-  assert all(f in lines[0] for f in runtime.XLA_FLAGS), lines[0]
-  assert lines[1] == "4.0"
-
-
-def test_configure_appends_to_user_flags_and_keeps_user_values(monkeypatch):
-  name = runtime.XLA_FLAGS[0].split("=")[0]
-  monkeypatch.setenv("XLA_FLAGS", f"--xla_dump_to=/tmp/x {name}=mine")
-  runtime.configure()
-  assert os.environ["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x", f"{name}=mine",
-                                             *runtime.XLA_FLAGS[1:]]

@@ -25,6 +25,7 @@ Stage outputs: code (8, 8, 64), (8, 8, 96), (128,); paper (16, 16, 32), (8, 8, 6
 """
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -62,8 +63,8 @@ def _relu_pool_lrn(x: jax.Array) -> jax.Array:
   return paper_lrn(max_pool_3x3_s2(nn.relu(x)))
 
 
-def _conv(features: int, kernel: int, name: str, impl: str) -> layers.Conv:
-  return layers.Conv(features, kernel, padding=kernel // 2, impl=impl, name=name)
+def _conv(features: int, kernel: int, name: str, impl: str, dtype: Any) -> layers.Conv:
+  return layers.Conv(features, kernel, padding=kernel // 2, impl=impl, name=name, dtype=dtype)
 
 
 def _flatten(x: jax.Array) -> jax.Array:
@@ -80,22 +81,23 @@ class Trunk(nn.Module):
   """
   blocks: tuple[str, ...]
   conv_impl: str = "xla"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for block in self.blocks:
       if block == "conv1":
-        x = _relu_pool_lrn(_conv(32, 5, "conv1", self.conv_impl)(x))
+        x = _relu_pool_lrn(_conv(32, 5, "conv1", self.conv_impl, self.dtype)(x))
       elif block == "conv2":
-        x = _relu_pool_lrn(_conv(64, 5, "conv2", self.conv_impl)(x))
+        x = _relu_pool_lrn(_conv(64, 5, "conv2", self.conv_impl, self.dtype)(x))
       elif block == "conv3":
-        x = nn.relu(_conv(96, 3, "conv3", self.conv_impl)(x))
+        x = nn.relu(_conv(96, 3, "conv3", self.conv_impl, self.dtype)(x))
       elif block == "top":
-        x = nn.relu(_conv(96, 3, "conv4", self.conv_impl)(x))
-        x = nn.relu(_conv(64, 3, "conv5", self.conv_impl)(x))
+        x = nn.relu(_conv(96, 3, "conv4", self.conv_impl, self.dtype)(x))
+        x = nn.relu(_conv(64, 3, "conv5", self.conv_impl, self.dtype)(x))
         x = _flatten(max_pool_3x3_s2(x))
-        x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(256, name="fc1")(x)))
-        x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(128, name="fc2")(x)))
+        x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(256, dtype=self.dtype, name="fc1")(x)))
+        x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(128, dtype=self.dtype, name="fc2")(x)))
       else:
         raise ValueError(f"Unknown AlexNet block {block!r}.")
     return x
@@ -109,43 +111,48 @@ class Branch(nn.Module):
   num_convs: int
   pool_first: bool
   conv_impl: str = "xla"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if self.pool_first:
       x = paper_lrn(max_pool_3x3_s2(x))
     for i in range(self.num_convs):
-      x = nn.relu(_conv(32, 3, f"conv{i + 1}", self.conv_impl)(x))
-    return nn.Dense(10, name="fc")(_flatten(max_pool_3x3_s2(x)))
+      x = nn.relu(_conv(32, 3, f"conv{i + 1}", self.conv_impl, self.dtype)(x))
+    return nn.Dense(10, dtype=self.dtype, name="fc")(_flatten(max_pool_3x3_s2(x)))
 
 
 class MainExit(nn.Module):
   """(B, 128) -> (B, 10) logits: fc3."""
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    return nn.Dense(10, name="fc3")(x)
+    return nn.Dense(10, dtype=self.dtype, name="fc3")(x)
 
 
-def b_alexnet(placement: str = "code", conv_impl: str = "xla") -> Network:
+def b_alexnet(placement: str = "code", conv_impl: str = "xla", dtype: Any = "float32"
+              ) -> Network:
   """B-AlexNet for CIFAR-10.
 
   Args:
     placement: "code" (exits after conv2 and conv3, as the authors' code) or "paper"
       (after conv1 and conv2).
     conv_impl: implementation of every convolution (see `layers.CONV_IMPLS`).
+    dtype: computation dtype of every layer (parameters stay float32).
 
   Returns:
     A 3-exit `Network` named "b_alexnet" ("b_alexnet_paper" for the paper's placement).
   """
+  d = jnp.dtype(dtype)
   if placement == "code":
-    stages = (Stage(Trunk(("conv1", "conv2"), conv_impl), Branch(2, False, conv_impl)),
-              Stage(Trunk(("conv3",), conv_impl), Branch(1, True, conv_impl)),
-              Stage(Trunk(("top",), conv_impl), MainExit()))
+    stages = (Stage(Trunk(("conv1", "conv2"), conv_impl, d), Branch(2, False, conv_impl, d)),
+              Stage(Trunk(("conv3",), conv_impl, d), Branch(1, True, conv_impl, d)),
+              Stage(Trunk(("top",), conv_impl, d), MainExit(d)))
   elif placement == "paper":
-    stages = (Stage(Trunk(("conv1",), conv_impl), Branch(2, False, conv_impl)),
-              Stage(Trunk(("conv2",), conv_impl), Branch(1, False, conv_impl)),
-              Stage(Trunk(("conv3", "top"), conv_impl), MainExit()))
+    stages = (Stage(Trunk(("conv1",), conv_impl, d), Branch(2, False, conv_impl, d)),
+              Stage(Trunk(("conv2",), conv_impl, d), Branch(1, False, conv_impl, d)),
+              Stage(Trunk(("conv3", "top"), conv_impl, d), MainExit(d)))
   else:
     raise ValueError(f"Unknown placement {placement!r}; expected one of {PLACEMENTS}.")
   suffix = "" if placement == "code" else f"_{placement}"
@@ -153,7 +160,7 @@ def b_alexnet(placement: str = "code", conv_impl: str = "xla") -> Network:
                  num_classes=10)
 
 
-def alexnet(placement: str = "code", conv_impl: str = "xla") -> Network:
+def alexnet(placement: str = "code", conv_impl: str = "xla", dtype: Any = "float32") -> Network:
   """AlexNet: B-AlexNet's trunk and main exit, parameters named as in B-AlexNet."""
   suffix = "" if placement == "code" else f"_{placement}"
-  return b_alexnet(placement, conv_impl).main_network(name=f"alexnet{suffix}")
+  return b_alexnet(placement, conv_impl, dtype).main_network(name=f"alexnet{suffix}")

@@ -166,9 +166,13 @@ def apply_trunk(net: Network, variables: Variables, i: int, h: jax.Array, *,
 def apply_head(net: Network, variables: Variables, i: int, h: jax.Array, *,
                train: bool = False, rng: jax.Array | None = None
                ) -> tuple[jax.Array, Variables]:
-  """Runs the exit head of stage `i` on its trunk output: returns (B, C) logits."""
+  """Runs the exit head of stage `i` on its trunk output: returns (B, C) float32 logits.
+
+  Logits are float32 whatever the compute dtype, so softmax, scores and losses are too.
+  """
   key = None if rng is None else jax.random.fold_in(rng, 2 * i + 1)
-  return _apply(net.stages[i].head, variables, f"head_{i}", h, train, key)
+  z, updates = _apply(net.stages[i].head, variables, f"head_{i}", h, train, key)
+  return z.astype(jnp.float32), updates
 
 
 def forward(net: Network, variables: Variables, x: jax.Array, *, train: bool = False,
@@ -178,12 +182,13 @@ def forward(net: Network, variables: Variables, x: jax.Array, *, train: bool = F
   Args:
     net: the network.
     variables: as returned by `init`.
-    x: (B, H, W, C) float images, preprocessed.
+    x: (B, H, W, C) float images, preprocessed (any float dtype; the layers cast
+      them to the network's compute dtype).
     train: batch statistics and dropout when True; running statistics otherwise.
     rng: dropout key (needed only by networks with dropout, in training).
 
   Returns:
-    `Outputs` with logits (E, B, C) and entropy (E, B), and the updated mutable
+    `Outputs` with float32 logits (E, B, C) and entropy (E, B), and the updated mutable
     collections (empty unless `train`).
   """
   updates: Variables = {}
@@ -219,7 +224,7 @@ def check_images(net: Network, x: Any) -> None:
     raise ValueError(f"{net.name} expects {c} channel(s) in the last axis (NHWC); got "
                      f"{shape[3]} (shape {shape}).")
   dtype = np.dtype(getattr(x, "dtype", np.float32))
-  if not np.issubdtype(dtype, np.floating):
+  if not jnp.issubdtype(dtype, jnp.floating):  # bfloat16 and float16 included.
     raise ValueError(f"{net.name} expects float images scaled as in training; got {dtype}. "
                      "Convert with bnet_jax.data.preprocess(dataset, images).")
 

@@ -251,6 +251,8 @@ class Conv(nn.Module):
       convolution (`max_pool_ceil`), fused with it in the phase implementations.
     kernel_init: initialiser of the (k, k, C_in, C_out) kernel.
     param_dtype: dtype of the kernel and bias, as in Flax's own layers.
+    dtype: computation dtype: input, kernel and bias are cast to it, as in Flax's
+      own layers (bfloat16 on TPU); the parameters stay `param_dtype`.
   """
   features: int
   kernel_size: int
@@ -259,6 +261,7 @@ class Conv(nn.Module):
   kernel_init: Callable = nn.initializers.lecun_normal()
   param_dtype: jnp.dtype = jnp.float32
   pool: int = 1
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -266,6 +269,7 @@ class Conv(nn.Module):
     k, cin = self.kernel_size, x.shape[-1]
     kernel = self.param("kernel", self.kernel_init, (k, k, cin, self.features), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
     if self.impl in PHASE_IMPLS:
       if self.pool < 2:
         raise ValueError(f"Conv impl {self.impl!r} fuses a max pool: it needs pool >= 2.")

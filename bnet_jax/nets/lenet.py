@@ -11,76 +11,85 @@ stage 1 ends after that pool and ReLU: the same function, computed once, and a 4
 smaller activation handed from stage to stage.
 """
 
+from typing import Any
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from bnet_jax.nets import layers
 from bnet_jax.nets.core import Network, Stage
 
 
-def _conv_pool_relu(features: int, kernel: int, padding: int, impl: str, x: jax.Array
-                    ) -> jax.Array:
+def _conv_pool_relu(features: int, kernel: int, padding: int, impl: str, dtype: Any,
+                    x: jax.Array) -> jax.Array:
   """Conv, ceil max pool 2, ReLU; the pool is fused into the phase implementations."""
-  return nn.relu(layers.Conv(features, kernel, padding=padding, impl=impl, pool=2)(x))
+  return nn.relu(layers.Conv(features, kernel, padding=padding, impl=impl, pool=2,
+                             dtype=dtype)(x))
 
 
 class Stage1(nn.Module):
   """(B, 28, 28, 1) -> (B, 15, 15, 5)."""
   conv_impl: str
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    return _conv_pool_relu(5, 5, 3, self.conv_impl, x)
+    return _conv_pool_relu(5, 5, 3, self.conv_impl, self.dtype, x)
 
 
 class Exit1(nn.Module):
   """(B, 15, 15, 5) -> (B, 10) logits."""
   conv_impl: str
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h: jax.Array, train: bool = False) -> jax.Array:
-    h = _conv_pool_relu(10, 3, 1, self.conv_impl, h)
-    return nn.Dense(10)(h.reshape(h.shape[0], -1))
+    h = _conv_pool_relu(10, 3, 1, self.conv_impl, self.dtype, h)
+    return nn.Dense(10, dtype=self.dtype)(h.reshape(h.shape[0], -1))
 
 
 class Stage2(nn.Module):
   """(B, 15, 15, 5) -> (B, 84)."""
   conv_impl: str
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h: jax.Array, train: bool = False) -> jax.Array:
-    h = _conv_pool_relu(10, 5, 3, self.conv_impl, h)
-    h = _conv_pool_relu(20, 5, 3, self.conv_impl, h)
-    return nn.Dense(84)(h.reshape(h.shape[0], -1))
+    h = _conv_pool_relu(10, 5, 3, self.conv_impl, self.dtype, h)
+    h = _conv_pool_relu(20, 5, 3, self.conv_impl, self.dtype, h)
+    return nn.Dense(84, dtype=self.dtype)(h.reshape(h.shape[0], -1))
 
 
 class MainExit(nn.Module):
   """(B, 84) -> (B, 10) logits; no ReLU between the two FC layers, as in the code."""
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h: jax.Array, train: bool = False) -> jax.Array:
-    return nn.Dense(10)(h)
+    return nn.Dense(10, dtype=self.dtype)(h)
 
 
-def b_lenet(conv1_impl: str = "batch_minor", conv_impl: str = "xla_pad8_dotgrad",
-            exit_conv_impl: str | None = None) -> Network:
+def b_lenet(conv1_impl: str = "xla", conv_impl: str = "xla", exit_conv_impl: str | None = None,
+            dtype: Any = "float32") -> Network:
   """B-LeNet for MNIST-sized input.
 
-  The defaults are the fastest for training at batch 512 on CPU (XLA's CPU
-  convolution with one input channel is slow; "batch_minor" avoids it). For
-  inference, `nets.inference_options` gives the fastest implementations by batch
-  size.
+  `nets.get` fills the layer implementations per platform (`nets.resolve_options`):
+  on CPU the fastest measured for training, and `nets.inference_options` the
+  fastest for inference by batch size.
 
   Args:
     conv1_impl: implementation of the one-input-channel first convolution (see
       `layers.CONV_IMPLS`).
     conv_impl: implementation of the other trunk convolutions.
     exit_conv_impl: implementation of exit 1's convolution (default: `conv_impl`).
+    dtype: computation dtype of every layer (parameters stay float32).
   """
+  dtype = jnp.dtype(dtype)
   return Network(
       name="b_lenet",
-      stages=(Stage(Stage1(conv1_impl), Exit1(exit_conv_impl or conv_impl)),
-              Stage(Stage2(conv_impl), MainExit())),
+      stages=(Stage(Stage1(conv1_impl, dtype), Exit1(exit_conv_impl or conv_impl, dtype)),
+              Stage(Stage2(conv_impl, dtype), MainExit(dtype))),
       input_shape=(28, 28, 1),
       num_classes=10)
 

@@ -23,14 +23,15 @@ def local_response_norm(x: jax.Array, n: int = 5, k: float = 2.0, alpha: float =
     k, alpha, beta: the formula's offset, scale and power.
 
   Returns:
-    (..., C), the same shape as `x`.
+    (..., C), the same shape and dtype as `x` (computed in float32).
   """
   half = n // 2
   channels = x.shape[-1]
-  sq = jnp.pad(jnp.square(x), [(0, 0)] * (x.ndim - 1) + [(half, half)])
+  x32 = x.astype(jnp.float32)  # A power of a small sum: float32 even in a bfloat16 network.
+  sq = jnp.pad(jnp.square(x32), [(0, 0)] * (x.ndim - 1) + [(half, half)])
   # A sum of shifted slices: XLA fuses it into one elementwise pass.
   energy = sum(sq[..., i:i + channels] for i in range(2 * half + 1))
-  return x * (k + alpha * energy) ** -beta
+  return (x32 * (k + alpha * energy) ** -beta).astype(x.dtype)
 
 
 def paper_lrn(x: jax.Array) -> jax.Array:

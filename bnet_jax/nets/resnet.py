@@ -29,6 +29,7 @@ Stage outputs: (30, 30, 16), (30, 30, 16), (576,).
 """
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -44,14 +45,18 @@ STANDARD_DEPTHS = (20, 32, 44, 56, 110)
 _he_normal = nn.initializers.he_normal()
 
 
-def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+def _batch_norm(train: bool, name: str, dtype: Any) -> nn.BatchNorm:
+  # Flax reduces the statistics in float32 and keeps the running ones float32.
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                      name=name)
 
 
-def _conv3x3(features: int, stride: int, name: str, impl: str) -> nn.Module:
+def _conv3x3(features: int, stride: int, name: str, impl: str, dtype: Any) -> nn.Module:
   if stride == 1:
-    return layers.Conv(features, 3, padding=1, impl=impl, kernel_init=_he_normal, name=name)
-  return nn.Conv(features, (3, 3), strides=stride, padding=1, kernel_init=_he_normal, name=name)
+    return layers.Conv(features, 3, padding=1, impl=impl, kernel_init=_he_normal, dtype=dtype,
+                       name=name)
+  return nn.Conv(features, (3, 3), strides=stride, padding=1, kernel_init=_he_normal,
+                 dtype=dtype, name=name)
 
 
 def _flatten(x: jax.Array) -> jax.Array:
@@ -63,17 +68,18 @@ class ResBlock(nn.Module):
   features: int
   stride: int = 1
   conv_impl: str = "xla"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    h = _conv3x3(self.features, self.stride, "conv1", self.conv_impl)(x)
-    h = nn.relu(_batch_norm(train, "bn1")(h))
-    h = _conv3x3(self.features, 1, "conv2", self.conv_impl)(h)
-    h = _batch_norm(train, "bn2")(h)
+    h = _conv3x3(self.features, self.stride, "conv1", self.conv_impl, self.dtype)(x)
+    h = nn.relu(_batch_norm(train, "bn1", self.dtype)(h))
+    h = _conv3x3(self.features, 1, "conv2", self.conv_impl, self.dtype)(h)
+    h = _batch_norm(train, "bn2", self.dtype)(h)
     if x.shape != h.shape:  # Option A: subsample, prepend zero channels; no parameters.
       x = x[:, ::self.stride, ::self.stride]
       x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (self.features - x.shape[-1], 0)))
-    return nn.relu(h + x)
+    return nn.relu(h + x.astype(h.dtype))
 
 
 class Trunk(nn.Module):
@@ -84,53 +90,60 @@ class Trunk(nn.Module):
     blocks: (features, stride) of each residual block, in order.
     pool: end with the 6x6 stride-1 average pool and flatten: (B, 8, 8, 64) -> (B, 576).
     conv_impl: implementation of the stride-1 convolutions (`layers.CONV_IMPLS`).
+    dtype: computation dtype.
   """
   stem: bool
   blocks: tuple[tuple[int, int], ...]
   pool: bool
   conv_impl: str = "xla"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if self.stem:
       x = layers.Conv(16, 3, padding=0, impl=self.conv_impl, kernel_init=_he_normal,
-                      name="stem_conv")(x)
-      x = nn.relu(_batch_norm(train, "stem_bn")(x))
+                      dtype=self.dtype, name="stem_conv")(x)
+      x = nn.relu(_batch_norm(train, "stem_bn", self.dtype)(x))
     for i, (features, stride) in enumerate(self.blocks):
-      x = ResBlock(features, stride, self.conv_impl, name=f"block{i}")(x, train)
+      x = ResBlock(features, stride, self.conv_impl, self.dtype, name=f"block{i}")(x, train)
     if self.pool:
-      x = _flatten(nn.avg_pool(x, (6, 6), strides=(1, 1)))
+      # Sums of 36 activations: float32 even in a bfloat16 network.
+      x = _flatten(nn.avg_pool(x.astype(jnp.float32), (6, 6), strides=(1, 1))).astype(x.dtype)
     return x
 
 
 class Exit1(nn.Module):
   """(B, 30, 30, 16) -> (B, 10): conv 5x5 64, ReLU, LRN, conv 32 + ReLU, conv 32 + ReLU, FC."""
   conv_impl: str = "xla"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = paper_lrn(nn.relu(layers.Conv(64, 5, padding=2, impl=self.conv_impl, name="conv1")(x)))
-    x = nn.relu(layers.Conv(32, 3, padding=1, impl=self.conv_impl, name="conv2")(x))
-    x = nn.relu(layers.Conv(32, 3, padding=1, impl=self.conv_impl, name="conv3")(x))
-    return nn.Dense(10, name="fc")(_flatten(x))
+    conv = functools.partial(layers.Conv, impl=self.conv_impl, dtype=self.dtype)
+    x = paper_lrn(nn.relu(conv(64, 5, padding=2, name="conv1")(x)))
+    x = nn.relu(conv(32, 3, padding=1, name="conv2")(x))
+    x = nn.relu(conv(32, 3, padding=1, name="conv3")(x))
+    return nn.Dense(10, dtype=self.dtype, name="fc")(_flatten(x))
 
 
 class Exit2(nn.Module):
   """(B, 30, 30, 16) -> (B, 10): one residual block 16->16, FC 14400->10."""
   conv_impl: str = "xla"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = ResBlock(16, 1, self.conv_impl, name="block")(x, train)
-    return nn.Dense(10, name="fc")(_flatten(x))
+    x = ResBlock(16, 1, self.conv_impl, self.dtype, name="block")(x, train)
+    return nn.Dense(10, dtype=self.dtype, name="fc")(_flatten(x))
 
 
 class MainExit(nn.Module):
   """(B, 576) -> (B, 10) logits."""
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    return nn.Dense(10, name="fc")(x)
+    return nn.Dense(10, dtype=self.dtype, name="fc")(x)
 
 
 def blocks_per_stage(depth: int) -> int:
@@ -145,7 +158,8 @@ def _name(prefix: str, depth: int, placement: str) -> str:
   return f"{prefix}{depth}" + ("" if placement == "code" else f"_{placement}")
 
 
-def b_resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla") -> Network:
+def b_resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla",
+             dtype: Any = "float32") -> Network:
   """B-ResNet for CIFAR-10.
 
   Args:
@@ -153,6 +167,8 @@ def b_resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla") 
       the smallest, handy in tests; "paper" placement needs 14 or more).
     placement: "code" (exit 1 after the stem) or "paper" (after the first block).
     conv_impl: implementation of the stride-1 convolutions (see `layers.CONV_IMPLS`).
+    dtype: computation dtype of every layer (parameters and BatchNorm statistics
+      stay float32).
 
   Returns:
     A 3-exit `Network` named "b_resnet{depth}" ("b_resnet{depth}_paper").
@@ -166,15 +182,17 @@ def b_resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla") 
   first = 1 if placement == "paper" else 0  # Blocks at 16 channels before exit 1.
   stage = lambda features: tuple((features, 2 if i == 0 and features > 16 else 1)
                                  for i in range(n))
-  trunk = functools.partial(Trunk, conv_impl=conv_impl)
-  stages = (Stage(trunk(True, stage(16)[:first], False), Exit1(conv_impl)),
-            Stage(trunk(False, stage(16)[first:], False), Exit2(conv_impl)),
-            Stage(trunk(False, stage(32) + stage(64), True), MainExit()))
+  d = jnp.dtype(dtype)
+  trunk = functools.partial(Trunk, conv_impl=conv_impl, dtype=d)
+  stages = (Stage(trunk(True, stage(16)[:first], False), Exit1(conv_impl, d)),
+            Stage(trunk(False, stage(16)[first:], False), Exit2(conv_impl, d)),
+            Stage(trunk(False, stage(32) + stage(64), True), MainExit(d)))
   return Network(name=_name("b_resnet", depth, placement), stages=stages,
                  input_shape=(32, 32, 3), num_classes=10)
 
 
-def resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla") -> Network:
+def resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla",
+           dtype: Any = "float32") -> Network:
   """ResNet: B-ResNet's trunk and main exit, parameters named as in B-ResNet."""
-  return b_resnet(depth, placement, conv_impl).main_network(
+  return b_resnet(depth, placement, conv_impl, dtype).main_network(
       name=_name("resnet", depth, placement))

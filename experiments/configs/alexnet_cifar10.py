@@ -37,7 +37,7 @@ CIFAR10_TRAIN = 50_000
 
 def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
   """The config of `variant` ('paper', 'modern' or 'smoke')."""
-  c = common.base("b_alexnet", {"placement": "code", "conv_impl": "xla"}, "cifar10", 3)
+  c = common.base("b_alexnet", {"placement": "code", "conv_impl": "auto"}, "cifar10", 3)
   c.max_shift = 4  # crop_flip: pad by 4, random 32x32 crop, random horizontal flip.
 
   if variant == "paper":

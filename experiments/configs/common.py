@@ -12,8 +12,12 @@ def base(model: str, model_options: dict, dataset: str, num_exits: int
   """The shared fields for `model` (with `model_options`) on `dataset`."""
   c = ml_collections.ConfigDict()
   c.model = model
-  # Layer implementations (see bnet_jax/nets/layers.py); they share parameters.
+  # Layer implementations (bnet_jax/nets/layers.py): "auto" chooses per platform
+  # (nets.resolve_options; runs.json records the choice). They share parameters.
   c.model_options = ml_collections.ConfigDict(model_options)
+  # "auto": bfloat16 on TPU, float32 on CPU and GPU; "float32" or "bfloat16" forces.
+  # Parameters, optimizer state, logits, losses and exit scores stay float32.
+  c.compute_dtype = "auto"
   c.dataset = dataset
   c.data_dir = ""  # Empty: $TFDS_DATA_DIR, else ~/tensorflow_datasets.
   c.download = True  # Download through TFDS if the dataset is not prepared.

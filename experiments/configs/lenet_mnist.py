@@ -37,8 +37,7 @@ from experiments.configs import common
 
 def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
   """The config of `variant` ('paper', 'tuned' or 'smoke')."""
-  c = common.base("b_lenet", {"conv1_impl": "batch_minor", "conv_impl": "xla_pad8_dotgrad"},
-                  "mnist", 2)
+  c = common.base("b_lenet", {"conv1_impl": "auto", "conv_impl": "auto"}, "mnist", 2)
 
   if variant == "paper":
     pass

@@ -35,7 +35,7 @@ CIFAR10_TRAIN = 50_000
 
 def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
   """The config of `variant` ('paper', 'modern' or 'smoke')."""
-  c = common.base("b_resnet", {"depth": 110, "placement": "code", "conv_impl": "xla"},
+  c = common.base("b_resnet", {"depth": 110, "placement": "code", "conv_impl": "auto"},
                   "cifar10", 3)
   c.batch_size = 64
   c.main_epochs = 100
