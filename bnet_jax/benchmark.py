@@ -48,7 +48,8 @@ def _device() -> str:
 def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] = ("entropy",),
         *, rule: str = "accuracy_drop", epsilon: float = 0.001, delta: float = 0.1,
         max_cost_fraction: float = 0.5, repeats: int = 7, max_samples: int = 10_000,
-        batch1_samples: int = 2000, model_options: dict | None = None) -> dict:
+        batch1_samples: int = 2000, model_options: dict | None = None,
+        compute_dtype: str | None = None) -> dict:
   """Chooses thresholds, times baseline and cascade, writes the results into `workdir`.
 
   Writes ``thresholds.json`` (per criterion, with provenance), ``benchmark.json``
@@ -66,21 +67,25 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
     batch1_samples: test samples per timed pass at batch size 1.
     model_options: layer implementations for inference (parameters unchanged), for
       baseline and cascade alike; None: `nets.inference_options` of the network for
-      each batch size (the baseline's batch, the cascade's bucket).
+      each batch size on this platform (the baseline's batch, the cascade's bucket).
+    compute_dtype: "float32" or "bfloat16" for baseline and cascade alike (None:
+      the dtype the workdir trained in).
 
   Returns:
     The benchmark.json contents.
   """
   # FLOPs are counted on the layers the network trained with; timing uses the fastest.
-  trained = checkpoint.load_trained(workdir)
-  net, variables, config = trained.net, trained.variables, trained.config
+  config = checkpoint.read_config(workdir)
+  dtype = compute_dtype or checkpoint.trained_compute_dtype(workdir, config)
+  trained = checkpoint.load_trained(workdir, compute_dtype=dtype)
+  net, variables = trained.net, trained.variables
 
   def options_for(batch: int) -> dict:
     return dict(model_options if model_options is not None
                 else nets.inference_options(config.model, batch))
 
   def net_for(batch: int) -> nets.Network:
-    return checkpoint.network(config, **options_for(batch))
+    return checkpoint.network(config, dtype, **options_for(batch))
   if not all(os.path.exists(evaluate.exits_path(workdir, s)) for s in ("validation", "test")):
     evaluate.cache_exits(workdir)
   val, test = evaluate.load_exits(workdir, "validation"), evaluate.load_exits(workdir, "test")
@@ -119,6 +124,7 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
       n = len(batches) * b
       row = {
           "network": net.name, "dataset": config.dataset, "split": "test", "device": _device(),
+          "backend": jax.default_backend(), "compute_dtype": dtype,
           "batch_size": b, "criterion": criterion, "thresholds": choice["thresholds"],
           "exit_fractions": [float(f) for f in fractions],
           "baseline": {"accuracy": base_accuracy, "ms_per_sample": 1e3 * seconds["baseline"] / n,
@@ -130,6 +136,7 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
           "ideal_speedup": full_flops / expected,
           "timing": {"samples_per_pass": n, "repeats": repeats, "statistic": "median pass",
                      "model_options": options_for(b),
+                     "xla_compiler_options": runtime.compiler_options(),
                      "cpu_cores": len(os.sched_getaffinity(0)),
                      "latency_mode": model.latency_mode if b == 1 else None,
                      "latency_modes_ms_per_sample": (

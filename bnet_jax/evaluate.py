@@ -145,18 +145,20 @@ def exits_path(workdir: str, split: str) -> str:
 
 
 def cache_exits(workdir: str, splits: Sequence[str] = ("validation", "test"),
-                batch_size: int = 1000, mesh: Mesh | None = None) -> dict[str, str]:
+                batch_size: int = 1000, mesh: Mesh | None = None,
+                compute_dtype: str | None = None) -> dict[str, str]:
   """Runs the all-exits pass of `workdir`'s model once per split and saves it.
 
   Writes ``workdir/exits_{split}.npz`` with ``logits`` (E, N, C) float32,
-  ``labels`` (N,) int32 and ``step`` (the checkpoint used). Screening, selection
+  ``labels`` (N,) int32, ``step`` (the checkpoint used) and ``compute_dtype``
+  (the workdir's unless `compute_dtype` overrides it). Screening, selection
   and the benchmark's accuracy figures read these instead of rerunning the network.
   With several processes, all of them compute and process 0 writes.
 
   Returns:
     The written paths by split.
   """
-  trained = checkpoint.load_trained(workdir, mesh=mesh)
+  trained = checkpoint.load_trained(workdir, mesh=mesh, compute_dtype=compute_dtype)
   c = trained.config
   loaded = data.load_splits(c.dataset, c.num_validation, c.data_dir or None, download=c.download,
                             only=splits)
@@ -170,7 +172,8 @@ def cache_exits(workdir: str, splits: Sequence[str] = ("validation", "test"),
     paths[split] = exits_path(workdir, split)
     if jax.process_index() == 0:
       np.savez(paths[split], logits=out.logits.astype(np.float32),
-               labels=loaded[split].labels, step=trained.step)
+               labels=loaded[split].labels, step=trained.step,
+               compute_dtype=str(trained.net.compute_dtype))
   return paths
 
 

@@ -28,7 +28,7 @@ _BUDGET = flags.DEFINE_float("max_cost_fraction", 0.5, "Budget rule: cost / full
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed passes per variant.")
 _OPTIONS = flags.DEFINE_multi_string(
     "model_option", [], "KEY=VALUE: inference layer option (default: the network's "
-    "nets.INFERENCE_OPTIONS); applies to baseline and cascade alike.")
+    "nets.inference_options for this platform); applies to baseline and cascade alike.")
 _ASYNC = flags.DEFINE_bool(
     "async_dispatch", False, "Keep JAX's asynchronous CPU dispatch on (off by default: "
     "it costs latency at small batches); applies to baseline and cascade alike.")
@@ -36,6 +36,9 @@ _CORES = flags.DEFINE_integer(
     "cores", 0, "Run on this many CPU cores (0: all). One core gives the lowest batch-1 "
     "latency; time batch 1 with --cores=1 and the batched sizes in a second run: rows of "
     "other batch sizes already in benchmark.json are kept.")
+_DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],
+                           "Compute dtype of baseline and cascade (default: the one the "
+                           "workdir trained in).")
 flags.mark_flag_as_required("workdir")
 
 
@@ -50,7 +53,7 @@ def main(argv: list[str]) -> None:
     results = benchmark.run(_WORKDIR.value, [int(b) for b in _BATCHES.value], _CRITERIA.value,
                             rule=_RULE.value, epsilon=_EPSILON.value, delta=_DELTA.value,
                             max_cost_fraction=_BUDGET.value, repeats=_REPEATS.value,
-                            model_options=options)
+                            model_options=options, compute_dtype=_DTYPE.value)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -25,6 +25,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A directory written by experime
 _BATCH = flags.DEFINE_integer("batch_size", 1000,
                               "Rows per compiled call over all devices (rounded up to a "
                               "multiple of the device count).")
+_DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],
+                           "Compute dtype (default: the one the workdir trained in).")
 flags.mark_flag_as_required("workdir")
 
 
@@ -36,7 +38,7 @@ def main(argv: list[str]) -> None:
   distributed.initialize()
   try:
     paths = evaluate.cache_exits(_WORKDIR.value, batch_size=_BATCH.value,
-                                 mesh=parallel.make_mesh())
+                                 mesh=parallel.make_mesh(), compute_dtype=_DTYPE.value)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from bnet_jax import checkpoint, data, nets, train
+from bnet_jax import checkpoint, data, nets, runtime, train
+from bnet_jax.nets import registry
 from experiments.configs import lenet_mnist
 from conftest import REPO
 
@@ -51,6 +52,7 @@ def snapshot(path):
           for d, _, files in os.walk(path) for f in files}
 
 
+@pytest.mark.newest
 def test_end_to_end_writes_eval_json_and_checkpoints(tmp_path):
   results = run(small_config(), tmp_path)
   with open(tmp_path / "eval.json") as f:
@@ -87,7 +89,8 @@ def test_main_phase_trains_only_the_main_network():
   assert int(state.step) == 30
 
 
-@pytest.mark.parametrize("halt", [3, 4, 6])  # Inside the main phase, at its end, inside joint.
+# Inside the main phase, at its end, inside joint.
+@pytest.mark.parametrize("halt", [3, 4, pytest.param(6, marks=pytest.mark.newest)])
 def test_resume_is_exact(tmp_path, halt):
   config = small_config(augment="shift")
   run(config, tmp_path / "straight")
@@ -100,6 +103,7 @@ def test_resume_is_exact(tmp_path, halt):
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
 
 
+@pytest.mark.newest
 def test_other_models_checkpoint_is_refused_and_untouched(tmp_path):
   run(small_config(), tmp_path)
   before = snapshot(tmp_path)
@@ -144,3 +148,25 @@ def test_cli_rejects_wrong_type_and_unknown_model(tmp_path):
   assert unknown.returncode == 2
   assert "Unknown model 'vgg'" in unknown.stderr
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_resuming_where_auto_resolves_otherwise_is_not_a_config_change(tmp_path, monkeypatch):
+  """A run halted on CPU resumes with TPU's choices (XLA convolutions, bfloat16):
+  runs.json records both runs' resolved choices, config.json keeps "auto"."""
+  config = small_config(halt_after_steps=4)
+  assert run(config, tmp_path) == {}
+  monkeypatch.setattr(registry, "platform", lambda: "tpu")
+  monkeypatch.setattr(runtime, "platform", lambda: "tpu")
+  results = run(small_config(), tmp_path)
+  assert checkpoint.latest_step(str(tmp_path)) == 8 and results["test"]["num_examples"] > 0
+  written = json.loads((tmp_path / "config.json").read_text())
+  assert written["model_options"] == {"conv1_impl": "auto", "conv_impl": "auto"}
+  assert written["compute_dtype"] == "auto"
+  first, second = checkpoint.runs(str(tmp_path))
+  assert (first["start_step"], second["start_step"]) == (0, 4)
+  assert first["model_options"] == {"conv1_impl": "batch_minor", "conv_impl": "xla_pad8_dotgrad"}
+  assert second["model_options"] == {"conv1_impl": "xla", "conv_impl": "xla"}
+  assert (first["compute_dtype"], second["compute_dtype"]) == ("float32", "bfloat16")
+  for entry in (first, second):
+    assert entry["versions"]["jax"] == jax.__version__ and entry["backend"] == "cpu"
+  assert checkpoint.trained_compute_dtype(str(tmp_path), config) == "bfloat16"

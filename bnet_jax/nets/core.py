@@ -68,6 +68,11 @@ class Network:
   def num_exits(self) -> int:
     return len(self.exit_stages)
 
+  @property
+  def compute_dtype(self) -> np.dtype:
+    """The dtype the layers compute in (parameters are float32 whatever it is)."""
+    return np.dtype(getattr(self.stages[0].trunk, "dtype", np.float32))
+
   def with_conv_impl(self, impl: str = "xla") -> Network:
     """The same network with every stage module's convolutions implemented by `impl`.
 
