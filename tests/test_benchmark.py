@@ -26,6 +26,7 @@ def trained(tmp_path_factory):
   return str(workdir)
 
 
+@pytest.mark.newest
 def test_cached_exits_match_eval_json(trained):
   with open(os.path.join(trained, "eval.json")) as f:
     saved = json.load(f)
@@ -37,7 +38,7 @@ def test_cached_exits_match_eval_json(trained):
                                saved[split]["accuracy_per_exit"], atol=1e-6)
 
 
-@pytest.mark.parametrize("rule", ["accuracy_drop", "risk"])
+@pytest.mark.parametrize("rule", [pytest.param("accuracy_drop", marks=pytest.mark.newest), "risk"])
 def test_benchmark_writes_rows_thresholds_and_plot(trained, rule):
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     results = benchmark.run(trained, [1, 3], ("entropy", "max_prob"), rule=rule, repeats=1,

@@ -7,6 +7,8 @@ import pytest
 from bnet_jax import cascade, plots, screening, selection
 from bnet_jax.evaluate import CachedExits
 
+pytestmark = pytest.mark.newest
+
 
 @pytest.fixture
 def cached():
