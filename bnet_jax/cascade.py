@@ -82,7 +82,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 
-from bnet_jax import criteria, nets, parallel
+from bnet_jax import criteria, nets, parallel, runtime
 
 LATENCY_MODES = ("auto", "host", "cond", "batched")
 DEFAULT_CHUNK_SIZE = 2048
@@ -199,12 +199,20 @@ def reference(net: nets.Network, variables: nets.Variables, images: Any,
   return Prediction(label, exit_, scores[exit_, cols].astype(np.float32))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
 def _all_exits(net: nets.Network, criterion: str, variables: nets.Variables, x: jax.Array
                ) -> tuple[jax.Array, jax.Array]:
   """Logits (E, B, C) and criterion scores (E, B) of every exit in one pass."""
-  logits = nets.forward(net, variables, x)[0].logits
-  return logits, criteria.get(criterion)(logits)
+  return _all_exits_program(net, criterion)(variables, x)
+
+
+@functools.cache
+def _all_exits_program(net: nets.Network, criterion: str) -> Callable:
+  """`_all_exits` jitted for one network and criterion (built on first use)."""
+  def run(variables: nets.Variables, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    logits = nets.forward(net, variables, x)[0].logits
+    return logits, criteria.get(criterion)(logits)
+
+  return runtime.jit(run)
 
 
 def _next_pow2(n: int) -> int:
@@ -312,7 +320,10 @@ class Cascade:
     """Early-exit predictions.
 
     Args:
-      images: (B, H, W, C) float images, preprocessed as in training.
+      images: (B, H, W, C) float images, preprocessed as in training: a host array,
+        or a `jax.Array` of any float dtype (e.g. a whole split put on the devices
+        once), which stays on the devices: chunks are sliced, cast to float32 and
+        padded there, and on a mesh resharded over its data axis.
       thresholds: E-1 floats replacing the cascade's own for this call (no recompile).
 
     Returns:
@@ -331,11 +342,13 @@ class Cascade:
     nets.check_images(self.net, images)
     t = (self.thresholds if thresholds is None
          else check_thresholds(self.net, thresholds, self.criterion))
-    x = np.asarray(images, np.float32)
+    x = images if isinstance(images, jax.Array) else np.asarray(images, np.float32)
     if x.shape[0] == 0:
       empty = np.zeros(0, np.int32)
       return Prediction(empty, empty, np.zeros(0, np.float32))
     if x.shape[0] == 1 and self.latency_mode != "batched":
+      if isinstance(x, jax.Array):
+        x = x.astype(jnp.float32)  # The programs take float32; cast where the image is.
       out = _run_one(self._one_programs(), x, t)
       return Prediction(out[0], out[1], out[2].view(_F32))
     return self._predict_batched(x, t)
@@ -390,9 +403,9 @@ class Cascade:
       options = {} if self._mesh is None else {"out_shardings": out_shardings}
       if self._constants:
         v = self._variables
-        prog = jax.jit(lambda *args: traced(v, *args), **options).lower(*specs).compile()
+        prog = runtime.jit(lambda *args: traced(v, *args), **options).lower(*specs).compile()
       else:
-        compiled = jax.jit(traced, **options).lower(self._variables, *specs).compile()
+        compiled = runtime.jit(traced, **options).lower(self._variables, *specs).compile()
         prog = lambda *args: compiled(self._variables, *args)  # noqa: E731
       self._programs[key] = prog
     return prog
@@ -515,17 +528,8 @@ class Cascade:
 
   # ---- the batched path -----------------------------------------------------------
 
-  def _predict_batched(self, x: np.ndarray, t: np.ndarray) -> Prediction:
-    groups = []
-    for rows in self._chunks(x.shape[0]):
-      n, b = len(rows), self._bucket(len(rows))
-      h = x[rows.start:rows.stop]
-      if b > n:
-        h = np.concatenate([h, np.zeros((b - n, *h.shape[1:]), h.dtype)])
-      pos = np.arange(rows.start, rows.start + b, dtype=np.int32)
-      if self._mesh is not None:  # Every process holds the whole chunk: each puts its rows.
-        h, pos = parallel.put(h, self._rows), parallel.put(pos, self._rows)
-      groups.append(_Group(h, pos, n, b))
+  def _predict_batched(self, x: np.ndarray | jax.Array, t: np.ndarray) -> Prediction:
+    groups = [self._chunk(x, rows) for rows in self._chunks(x.shape[0])]
     size = x.shape[0]
     label, exit_, score = (np.zeros(size, np.int32), np.zeros(size, np.int32),
                            np.zeros(size, np.float32))
@@ -550,6 +554,48 @@ class Cascade:
           survivors.append(_Group(*self._prefix_program(k, g.b, b)(h, order, record), c, b))
       groups = survivors
     return Prediction(label, exit_, score)
+
+  def _chunk(self, x: np.ndarray | jax.Array, rows: range) -> _Group:
+    """Rows `rows` of the images x (N, H, W, C), padded to their bucket, for segment 0.
+
+    A host array (float32) is cut and padded on the host; on a mesh every process
+    holds the whole chunk and puts its devices' rows. A `jax.Array` never leaves the
+    devices: `_take_rows` slices, casts and pads it where it lives, and on a mesh
+    `jax.device_put` moves the result to the row sharding (a no-op when the slice of
+    a row-sharded array already has it).
+    """
+    n, b = len(rows), self._bucket(len(rows))
+    pos = np.arange(rows.start, rows.start + b, dtype=np.int32)
+    if not isinstance(x, jax.Array):
+      h = x[rows.start:rows.stop]
+      if b > n:
+        h = np.concatenate([h, np.zeros((b - n, *h.shape[1:]), h.dtype)])
+      if self._mesh is not None:
+        h, pos = parallel.put(h, self._rows), parallel.put(pos, self._rows)
+      return _Group(h, pos, n, b)
+    if n == b == x.shape[0] and x.dtype == _F32:  # The whole array, as the programs take it.
+      h = x
+    elif len(x.sharding.device_set) > 1:
+      h = _take_rows_at(x, rows.start, n, b)
+    else:
+      h = _take_rows_from(x, np.int32(rows.start), n, b)
+    if self._mesh is not None:
+      h, pos = jax.device_put(h, self._rows), parallel.put(pos, self._rows)
+    return _Group(h, pos, n, b)
+
+
+def _take_rows(x: jax.Array, start: Any, n: int, b: int) -> jax.Array:
+  """Rows [start, start + n) of x (N, ...) as float32, zero rows appended: (b, ...)."""
+  h = lax.dynamic_slice_in_dim(x, start, n).astype(jnp.float32)
+  return jnp.pad(h, [(0, b - n)] + [(0, 0)] * (x.ndim - 1))
+
+
+# On one device the start is an argument: one program per (chunk size, bucket). On
+# several it is a constant, which XLA partitions into a permute of just the rows that
+# move between devices; a start known only at run time made every device gather the
+# whole array (jax 0.10.2).
+_take_rows_from = jax.jit(_take_rows, static_argnums=(2, 3))
+_take_rows_at = jax.jit(_take_rows, static_argnums=(1, 2, 3))
 
 
 def _continuing_first(cont: jax.Array) -> jax.Array:

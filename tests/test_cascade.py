@@ -159,7 +159,7 @@ def assert_matches(pred, case, size, thresholds, criterion):
 # ---- equality with the reference ---------------------------------------------------
 
 @pytest.mark.parametrize("criterion, sizes", [
-    ("entropy", (1, 2, 15, 16, 17, 31, 32, 33, 37, 100)),
+    pytest.param("entropy", (1, 2, 15, 16, 17, 31, 32, 33, 37, 100), marks=pytest.mark.newest),
     ("max_prob", (1, 2, 17, 37, 100)),  # Fewer sizes: each bucket costs a compilation.
     ("margin", (1, 2, 17, 37, 100))])
 def test_blenet_equals_reference(blenet, criterion, sizes):
@@ -198,6 +198,7 @@ def test_everyone_or_no_one_exits_early(blenet, criterion, leave_all, leave_none
       assert_matches(pred, blenet, size, t, criterion)
 
 
+@pytest.mark.newest
 @pytest.mark.parametrize("mode", ["host", "cond", "batched"])
 def test_batch_one_is_identical_to_reference_at_batch_one(blenet, tiny, mode):
   for case in (blenet, tiny):
@@ -230,6 +231,27 @@ def test_chunks_buckets_and_parameters_as_arguments(tiny):
     cas = cascade.Cascade(tiny.net, tiny.variables, t, **options)
     for size in (1, 23, 37):
       assert_matches(cas.predict(tiny.x[:size]), tiny, size, t, "entropy")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_device_arrays_give_the_same_predictions_as_host_arrays(blenet, tiny, dtype):
+  """jax.Array images (sliced, cast and padded on the device) run the same programs on the
+  same float32 values as the host array: identical results. bfloat16 images hold values
+  that bfloat16 represents exactly, so their float32 cast is the host array itself."""
+  # B-LeNet's shared cascade (programs the other tests compile too); tiny in chunks of 16.
+  tiny_chunks = cascade.Cascade(tiny.net, tiny.variables, [0.0, 0.0], chunk_size=16,
+                                buckets=(4, 16))
+  for case, cas in ((blenet, blenet.cascade()), (tiny, tiny_chunks)):
+    x = np.asarray(jnp.asarray(case.x, dtype).astype(jnp.float32))
+    t = random_thresholds(case.all_scores("entropy"), np.random.default_rng(7))
+    whole = jnp.asarray(x, dtype)  # One device array, cut into chunks by the cascade.
+    for size in (1, 2, 17, 37, 100):
+      want = cas.predict(x[:size], t)
+      for got in (cas.predict(jnp.asarray(x[:size], dtype), t), cas.predict(whole[:size], t)):
+        for a, b in zip(got, want):
+          assert type(a) is np.ndarray and a.dtype == b.dtype
+          np.testing.assert_array_equal(a, b)
+    assert len(set(cas.predict(whole, t).exit.tolist())) == case.net.num_exits
 
 
 def test_layer_options_per_bucket_give_the_same_decisions(blenet):
