@@ -65,7 +65,7 @@ def test_network_gradient_matches_finite_differences():
 
 
 def _check_network_gradient():
-  net = nets.get("b_lenet")
+  net = nets.get("b_lenet", dtype="float64")  # The layers compute in their dtype.
   params = jax.tree.map(lambda a: a.astype(jnp.float64),
                         nets.init(net, jax.random.key(0))["params"])
   x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1), jnp.float64)

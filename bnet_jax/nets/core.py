@@ -171,13 +171,14 @@ def apply_trunk(net: Network, variables: Variables, i: int, h: jax.Array, *,
 def apply_head(net: Network, variables: Variables, i: int, h: jax.Array, *,
                train: bool = False, rng: jax.Array | None = None
                ) -> tuple[jax.Array, Variables]:
-  """Runs the exit head of stage `i` on its trunk output: returns (B, C) float32 logits.
+  """Runs the exit head of stage `i` on its trunk output: returns (B, C) logits.
 
-  Logits are float32 whatever the compute dtype, so softmax, scores and losses are too.
+  Logits are at least float32 whatever the compute dtype (bfloat16 gives float32), so
+  softmax, scores and losses are too.
   """
   key = None if rng is None else jax.random.fold_in(rng, 2 * i + 1)
   z, updates = _apply(net.stages[i].head, variables, f"head_{i}", h, train, key)
-  return z.astype(jnp.float32), updates
+  return z.astype(jnp.promote_types(z.dtype, jnp.float32)), updates
 
 
 def forward(net: Network, variables: Variables, x: jax.Array, *, train: bool = False,
