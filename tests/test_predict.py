@@ -92,6 +92,7 @@ def _run(*args: str, devices: int = 1, wait: bool = True):
                           stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.newest
 def test_predictions_equal_the_all_exits_reference(workdir, one_device):
   result, saved = one_device
   with open(os.path.join(workdir, predict.THRESHOLDS_FILE)) as f:
