@@ -3,7 +3,9 @@
 Each checkpoint stores the train state and a small JSON record of the model name,
 dataset and parameter shapes. Before anything is written to a workdir, its latest
 checkpoint's record is compared with the run's: another model's checkpoint is
-refused with an error, never overwritten.
+refused with an error, never overwritten. A checkpoint that cannot be read
+(truncated or missing files) is skipped with a warning in favour of the newest
+intact one; training moves it aside (`set_aside`), never deletes it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import platform as host_platform
 from typing import Any, NamedTuple
 
 import jax
+from absl import logging
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -24,6 +27,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from bnet_jax import nets, runtime
 
 RUNS_FILE = "runs.json"
+CONFIG_HISTORY_FILE = "config_history.json"
+CORRUPT_PREFIX = "corrupt-"  # checkpoints/corrupt-<step>: an unreadable checkpoint set aside.
 _PACKAGES = ("bnet-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
 
 
@@ -58,20 +63,83 @@ def latest_step(workdir: str) -> int | None:
   return max(steps) if steps else None
 
 
+def _checkpoints_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _restore_as_saved(mngr: ocp.CheckpointManager, step: int, sharding: jax.sharding.Sharding
+                      ) -> Any:
+  """Checkpoint `step`'s train state as saved (structure, shapes, dtypes), on `sharding`."""
+  # A target, not the saved shardings: those name devices that may not exist here.
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                        mngr.item_metadata(step)["state"].tree)
+  return mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target)))["state"]
+
+
+def _first_device() -> jax.sharding.Sharding:
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _warn_unreadable(workdir: str, step: int, error: Exception) -> str:
+  reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+  line = f"Checkpoint {step} in {workdir} is unreadable ({reason}); skipping it."
+  logging.warning("%s", line)
+  return line
+
+
+def newest_intact(workdir: str) -> tuple[int | None, dict[int, str]]:
+  """The newest checkpoint step whose record and state read back, and the newer unreadable ones.
+
+  Each candidate, newest first, is read whole (record and every array, on this
+  process's first device); a failure is logged as a warning and the next older
+  one is tried.
+
+  Returns:
+    (step or None when no checkpoint reads, {unreadable step: the warning line}).
+  """
+  steps = ocp.utils.checkpoint_steps(_checkpoints_dir(workdir))
+  unreadable = {}
+  if not steps:
+    return None, unreadable
+  with manager(workdir, create=False) as mngr:
+    for step in sorted(steps, reverse=True):
+      try:
+        read_record(mngr, step)
+        _restore_as_saved(mngr, step, _first_device())
+        return step, unreadable
+      except Exception as e:  # Orbax, TensorStore and JSON each raise their own types.
+        unreadable[step] = _warn_unreadable(workdir, step, e)
+  return None, unreadable
+
+
+def set_aside(workdir: str, step: int) -> str:
+  """Renames checkpoint `step` to ``checkpoints/corrupt-<step>`` (``-1``, ``-2``... if taken).
+
+  Orbax ignores a directory whose name is not a step, so the files stay for
+  inspection and a new checkpoint of the same step cannot replace them.
+
+  Returns:
+    The new path.
+  """
+  root = _checkpoints_dir(workdir)
+  target, n = os.path.join(root, f"{CORRUPT_PREFIX}{step}"), 0
+  while os.path.exists(target):
+    n += 1
+    target = os.path.join(root, f"{CORRUPT_PREFIX}{step}-{n}")
+  os.rename(os.path.join(root, str(step)), target)
+  return target
+
+
 def read_record(mngr: ocp.CheckpointManager, step: int) -> dict:
   """The identity record saved with checkpoint `step`."""
   return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def check_compatible(workdir: str, expected: dict) -> int | None:
-  """Raises CheckpointMismatchError unless the latest checkpoint matches `expected`.
-
-  Returns:
-    The latest step, or None when `workdir` holds no checkpoint.
-  """
-  step = latest_step(workdir)
+def check_compatible(workdir: str, expected: dict, step: int | None) -> None:
+  """Raises CheckpointMismatchError unless checkpoint `step` (None: none) matches `expected`."""
   if step is None:
-    return None
+    return
   with manager(workdir, create=False) as mngr:
     found = read_record(mngr, step)
   for key in ("model", "dataset"):
@@ -84,7 +152,6 @@ def check_compatible(workdir: str, expected: dict) -> int | None:
     raise CheckpointMismatchError(
         f"{workdir} holds a checkpoint (step {step}) of {found['model']!r} with other "
         f"parameter shapes ({'; '.join(diff[:4])}). Use another --workdir; nothing was written.")
-  return step
 
 
 def _shape_diff(found: dict, expected: dict) -> list[str]:
@@ -119,12 +186,22 @@ def _untrained(workdir: str) -> str:
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (its config.json)."""
+  """The config a workdir was trained with (its config.json).
+
+  An empty ``data_dir`` becomes the data dir its newest training run read (runs.json)
+  when $TFDS_DATA_DIR is unset and that directory exists, so readers of the
+  workdir find the data in a fresh shell.
+  """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(_untrained(workdir))
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.load(f))
+  recorded = next((r["data_dir"] for r in reversed(runs(workdir)) if r.get("data_dir")), None)
+  if (not config.get("data_dir") and not os.environ.get("TFDS_DATA_DIR") and recorded
+      and os.path.isdir(recorded)):
+    config.data_dir = recorded
+  return config
 
 
 def network(config: ml_collections.ConfigDict, compute_dtype: str | None = None,
@@ -158,6 +235,40 @@ def environment() -> dict:
           "device_count": len(devices), "process_count": jax.process_count()}
 
 
+def _write_json(path: str, value: Any) -> None:
+  """Writes `value` to `path` atomically (a reader never sees half a file)."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def config_history(workdir: str) -> list[dict]:
+  """The config changes accepted on resume (``workdir/config_history.json``), oldest first."""
+  path = os.path.join(workdir, CONFIG_HISTORY_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return json.load(f)
+
+
+def record_config_change(workdir: str, step: int, changes: dict[str, tuple[Any, Any]],
+                         override: bool) -> dict:
+  """Appends ``{"step", "time", "changes": {field: [old, new]}, "override"}`` to the history.
+
+  `override`: a training-defining field changed under ``allow_config_change``.
+  Process 0 writes.
+
+  Returns:
+    The entry.
+  """
+  entry = {"step": int(step),
+           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "changes": {k: list(v) for k, v in changes.items()}, "override": override}
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, CONFIG_HISTORY_FILE), config_history(workdir) + [entry])
+  return entry
+
+
 def runs(workdir: str) -> list[dict]:
   """The training runs recorded in ``workdir/runs.json``, oldest first (may be empty)."""
   path = os.path.join(workdir, RUNS_FILE)
@@ -168,11 +279,12 @@ def runs(workdir: str) -> list[dict]:
 
 
 def record_run(workdir: str, start_step: int, net: nets.Network, model_options: dict,
-               compute_dtype: str) -> dict:
+               compute_dtype: str, data_dir: str) -> dict:
   """Appends this run's resolved choices and environment to ``workdir/runs.json``.
 
   What "auto" became on this platform is recorded here, beside config.json, which
-  keeps the user's fields as given. Process 0 writes; a resumed run (on any
+  keeps the user's fields as given; so is the absolute TFDS `data_dir` it read
+  (`read_config` falls back to it). Process 0 writes; a resumed run (on any
   backend) appends its own entry.
 
   Returns:
@@ -181,13 +293,10 @@ def record_run(workdir: str, start_step: int, net: nets.Network, model_options: 
   entry = {"start_step": int(start_step), "network": net.name,
            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "model_options": dict(model_options), "compute_dtype": compute_dtype,
-           "xla_compiler_options": runtime.compiler_options(), **environment()}
+           "data_dir": data_dir, "xla_compiler_options": runtime.compiler_options(),
+           **environment()}
   if jax.process_index() == 0:
-    history = runs(workdir) + [entry]
-    path = os.path.join(workdir, RUNS_FILE)
-    with open(path + ".tmp", "w") as f:
-      json.dump({"runs": history}, f, indent=2)
-    os.replace(path + ".tmp", path)
+    _write_json(os.path.join(workdir, RUNS_FILE), {"runs": runs(workdir) + [entry]})
   return entry
 
 
@@ -205,7 +314,8 @@ def load_trained(workdir: str, *, step: int | None = None, mesh: Mesh | None = N
 
   Args:
     workdir: a directory written by `experiments.train`.
-    step: the checkpoint's step (None: the newest).
+    step: the checkpoint's step (None: the newest that reads back, with a warning
+      for each newer unreadable one; see `newest_intact`).
     mesh: restore every array replicated on this mesh (needed with several
       processes); None: on this process's first device. Either way the
       checkpoint may come from another device count.
@@ -218,18 +328,21 @@ def load_trained(workdir: str, *, step: int | None = None, mesh: Mesh | None = N
     FileNotFoundError: no config.json or no checkpoint in `workdir`.
   """
   config = read_config(workdir)
-  step = latest_step(workdir) if step is None else step
-  if step is None:
+  candidates = ([step] if step is not None else
+                sorted(ocp.utils.checkpoint_steps(_checkpoints_dir(workdir)), reverse=True))
+  if not candidates:
     raise FileNotFoundError(_untrained(workdir))
   net = network(config, compute_dtype or trained_compute_dtype(workdir, config), **model_options)
-  sharding = (jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) if mesh is None
-              else NamedSharding(mesh, PartitionSpec()))
+  sharding = _first_device() if mesh is None else NamedSharding(mesh, PartitionSpec())
   with manager(workdir, create=False) as mngr:
-    # A target, not the saved shardings: those name devices that may not exist here.
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                          mngr.item_metadata(step)["state"].tree)
-    state = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
+    for i, step in enumerate(candidates):
+      try:
+        state = _restore_as_saved(mngr, step, sharding)
+        break
+      except Exception as e:  # Orbax and TensorStore raise their own types.
+        if i == len(candidates) - 1:
+          raise
+        _warn_unreadable(workdir, step, e)
   abstract = jax.eval_shape(lambda: nets.init(net, jax.random.key(0)))["params"]
   if record(net.name, "", state["params"]) != record(net.name, "", abstract):
     raise CheckpointMismatchError(f"The checkpoint in {workdir} does not fit {net.name}.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -25,19 +26,26 @@ class DatasetSpec:
     num_classes: number of labels.
     mean, std: per-channel normalisation applied after scaling to [0, 1]
       (None: the [0, 1] scaling alone, as the paper does for MNIST).
+    download_host: the host TFDS downloads the dataset from (checked before a
+      download, so that an offline machine fails at once).
   """
   image_shape: tuple[int, int, int]
   num_classes: int
   mean: tuple[float, ...] | None = None
   std: tuple[float, ...] | None = None
+  download_host: str = "storage.googleapis.com"
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec((28, 28, 1), 10),
-    "fashion_mnist": DatasetSpec((28, 28, 1), 10),
+    "fashion_mnist": DatasetSpec(
+        (28, 28, 1), 10, download_host="fashion-mnist.s3-website.eu-central-1.amazonaws.com"),
     "cifar10": DatasetSpec((32, 32, 3), 10, mean=(0.4914, 0.4822, 0.4465),
-                           std=(0.2470, 0.2435, 0.2616)),
+                           std=(0.2470, 0.2435, 0.2616), download_host="www.cs.toronto.edu"),
 }
+
+# The prepared data dir of a source checkout (scripts/setup.sh builds it there).
+REPO_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".tfds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,31 +79,62 @@ def spec(dataset: str) -> DatasetSpec:
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> str:
-  """Absolute `data_dir` if given, else $TFDS_DATA_DIR, else TFDS's default folder."""
-  data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+  """The absolute TFDS data dir: `data_dir` if given, else $TFDS_DATA_DIR, else the
+  checkout's prepared `REPO_DATA_DIR` if it exists, else TFDS's default folder."""
+  repo = REPO_DATA_DIR if os.path.isdir(REPO_DATA_DIR) else None
+  data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or repo or "~/tensorflow_datasets"
   return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
 
 
+def reachable(host: str, port: int = 443, timeout: float = 2.0) -> bool:
+  """Whether a TCP connection to `host` opens within `timeout` seconds (DNS included)."""
+  try:
+    with socket.create_connection((host, port), timeout=timeout):
+      return True
+  except OSError:
+    return False
+
+
+def _prepare_hint(dataset: str, data_dir: str) -> str:
+  return (f"Offline, build it from local IDX files: python -m experiments.prepare_data "
+          f"--dataset={dataset} --from_dir=DIR --data_dir={data_dir} (or set TFDS_DATA_DIR / "
+          f"--config.data_dir).")
+
+
 def _source(dataset: str, split: str, data_dir: str, download: bool):
-  """A random-access TFDS data source of the split (array_record format)."""
+  """A random-access TFDS data source of the split (array_record format).
+
+  A prepared (or mocked) dataset is read as it is. Otherwise, before a download, a
+  2-second connection to the dataset's host: offline, TFDS would retry for minutes
+  before failing.
+  """
   import tensorflow_datasets as tfds  # Heavy import, needed only here.
 
   try:
-    return tfds.data_source(dataset, split=split, data_dir=data_dir, download=download)
+    return tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # TFDS raises several types; all mean "not readable here".
-    builder = tfds.builder(dataset, data_dir=data_dir)
-    if builder.is_prepared():
+    error = e
+  if download:
+    host = spec(dataset).download_host
+    if not reachable(host):
       raise DataNotFoundError(
-          f"{dataset!r} is prepared in {data_dir} in {builder.info.file_format.value} format, "
-          f"but bnet-jax reads array_record. Delete {builder.data_dir} and rerun with "
-          f"--config.download=True, or use another data_dir.") from e
-    how = (f"Download failed: {e}\n" if download else
-           "With internet, rerun with --config.download=True. ")
+          f"Dataset {dataset!r} is not prepared in {data_dir} and {host} cannot be reached "
+          f"to download it. {_prepare_hint(dataset, data_dir)}")
+    try:
+      return tfds.data_source(dataset, split=split, data_dir=data_dir, download=True)
+    except Exception as e:  # noqa: BLE001 -- as above.
+      error = e
+  builder = tfds.builder(dataset, data_dir=data_dir)
+  if builder.is_prepared():
     raise DataNotFoundError(
-        f"Dataset {dataset!r} is not prepared in {data_dir}. {how}Offline, build it from "
-        f"local IDX files: python -m experiments.prepare_data --dataset={dataset} "
-        f"--from_dir=DIR --data_dir={data_dir} (or set TFDS_DATA_DIR / --config.data_dir)."
-    ) from e
+        f"{dataset!r} is prepared in {data_dir} in {builder.info.file_format.value} format, "
+        f"but bnet-jax reads array_record. Delete {builder.data_dir} and rerun with "
+        f"--config.download=True, or use another data_dir.") from error
+  how = (f"Download failed: {error}\n" if download else
+         "With internet, rerun with --config.download=True. ")
+  raise DataNotFoundError(
+      f"Dataset {dataset!r} is not prepared in {data_dir}. {how}"
+      f"{_prepare_hint(dataset, data_dir)}") from error
 
 
 def load(dataset: str, split: str, data_dir: str | None = None, *,

@@ -7,11 +7,17 @@ updates only the main network's parameters. Steps are numbered across phases, so
 a checkpoint's step says which phase produced it and a resumed run continues
 exactly where it stopped: batches, augmentation and dropout keys are all derived
 from (seed, step).
+
+A config's fields are of two kinds (`TRAINING_FIELDS`, `RUN_CONTROL_FIELDS`). On
+resume, a changed training-defining field is refused (`ConfigChangeError`) unless
+``allow_config_change`` is set, except more epochs, which train further; accepted
+changes are appended to ``workdir/config_history.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
 import time
@@ -24,11 +30,156 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from bnet_jax import (augment, checkpoint, data, evaluate, losses, nets, parallel, progress, runtime,
                       summary)
+
+
+# Fields that define what training computes: a checkpoint continues only under the
+# same values (more epochs excepted). Every model option but a layer implementation
+# ("model_options.*_impl", run control) is here: depth, exit placement.
+TRAINING_FIELDS = ("model", "model_options", "dataset", "seed", "batch_size", "main_epochs",
+                   "joint_epochs", "loss_weights", "optimizer", "learning_rate", "momentum",
+                   "beta1", "beta2", "weight_decay", "lr_schedule", "warmup_steps", "augment",
+                   "max_shift", "num_validation")
+# Fields that say how this run executes, free to change on resume. compute_dtype is
+# here although bfloat16 changes the numerics: parameters and optimizer state stay
+# float32 whatever it is, and "auto" resolves per platform, so resuming a CPU run on
+# a TPU (bfloat16) must not be refused; runs.json records what each run used.
+RUN_CONTROL_FIELDS = ("model_options.*_impl", "compute_dtype", "data_dir", "download",
+                      "eval_batch_size", "checkpoint_every_epochs", "keep_checkpoints",
+                      "halt_after_steps", "allow_config_change")
+_EPOCH_FIELDS = ("main_epochs", "joint_epochs")
+
+
+class ConfigChangeError(ValueError):
+  """Resuming with a training-defining field changed, without ``allow_config_change``."""
+
+
+def is_training_field(name: str) -> bool:
+  """Whether dotted field `name` (e.g. "model_options.depth") defines training.
+
+  Fields named nowhere count as training-defining: refusing is the safe default.
+  """
+  return not any(fnmatch.fnmatchcase(name, p) for p in RUN_CONTROL_FIELDS)
+
+
+def _flatten(fields: dict, prefix: str = "") -> dict[str, Any]:
+  """{"a": {"b": 1}} -> {"a.b": 1}; lists and tuples are values."""
+  flat = {}
+  for k, v in fields.items():
+    if isinstance(v, dict):
+      flat.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      flat[f"{prefix}{k}"] = v
+  return flat
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+  """{dotted field: (old, new)} for every field whose JSON value differs (absent: None)."""
+  a, b = _flatten(old), _flatten(new)
+  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _config_fields(config: ml_collections.ConfigDict) -> dict:
+  """The config as config.json holds it (tuples as lists)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def _saved_config(workdir: str) -> dict | None:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def check_config_change(old: dict, config: ml_collections.ConfigDict, step: int
+                        ) -> dict[str, tuple[Any, Any]]:
+  """The changes from checkpoint `step`'s config.json fields `old` to `config`.
+
+  Raises:
+    ConfigChangeError: a training-defining field other than the epochs differs and
+      ``config.allow_config_change`` is False; the message lists each (old -> new).
+  """
+  changes = config_changes(old, _config_fields(config))
+  refused = {k: v for k, v in changes.items()
+             if is_training_field(k) and k not in _EPOCH_FIELDS}
+  if refused and not config.allow_config_change:
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+    raise ConfigChangeError(
+        f"The workdir's checkpoint (step {step}) was trained with other values of "
+        f"training-defining fields ({listed}). Restore them, use another --workdir, or "
+        f"continue with the new values: --config.allow_config_change=True. Nothing was written.")
+  return changes
+
+
+def _main_steps(fields: dict, steps_per_epoch: int) -> int:
+  return fields["main_epochs"] * steps_per_epoch
+
+
+def check_epoch_change(old: dict, config: ml_collections.ConfigDict, step: int,
+                       steps_per_epoch: int) -> str | None:
+  """What changed epochs do to a run resumed at `step`, in one line (None: unchanged).
+
+  More epochs train further; the phase the run is in keeps its optimizer state, and
+  its learning-rate schedule takes the new length (a cosine schedule stretches, so
+  the rate jumps; a constant one continues).
+
+  Raises:
+    ConfigChangeError: the new schedule ends before `step`, or main_epochs changes
+      once the checkpoint is past the main phase of the old or the new schedule
+      (the phase boundary would move under it).
+  """
+  new = _config_fields(config)
+  if all(old.get(k) == new[k] for k in _EPOCH_FIELDS):
+    return None
+  listed = ", ".join(f"{k} {old.get(k)} -> {new[k]}" for k in _EPOCH_FIELDS
+                     if old.get(k) != new[k])
+  total = (new["main_epochs"] + new["joint_epochs"]) * steps_per_epoch
+  if total < step:
+    raise ConfigChangeError(
+        f"{listed}: {total} steps, fewer than the checkpoint's step {step}. Epochs can only "
+        f"grow on resume (or shrink to no less than {step / steps_per_epoch:g} in all); use "
+        f"another --workdir to train less. Nothing was written.")
+  old_main, new_main = _main_steps(old, steps_per_epoch), _main_steps(new, steps_per_epoch)
+  if old_main != new_main and step > min(old_main, new_main):
+    raise ConfigChangeError(
+        f"{listed}: the checkpoint (step {step}) is past the main phase, whose end would move "
+        f"from step {old_main} to {new_main}; change joint_epochs instead, or use another "
+        f"--workdir. Nothing was written.")
+  if step == total:
+    return f"{listed}: the run already ends at step {step}."
+  in_joint = step >= new_main
+  first = new_main if in_joint else 0
+  old_len = (old["joint_epochs"] if in_joint else old["main_epochs"]) * steps_per_epoch
+  new_len = (new["joint_epochs"] if in_joint else new["main_epochs"]) * steps_per_epoch
+  line = f"{listed}: training continues from step {step} to step {total}"
+  if step == first or old_len == new_len:
+    return f"{line}; the {'joint' if in_joint else 'main'} phase runs as scheduled."
+  old_lr, new_lr = learning_rate(config, old_len), learning_rate(config, new_len)
+  if not callable(new_lr):
+    return f"{line}; the constant learning rate just continues."
+  return (f"{line}; the cosine schedule of the {'joint' if in_joint else 'main'} phase now spans "
+          f"{new_len} steps instead of {old_len}, so the learning rate jumps from "
+          f"{float(old_lr(step - first)):.3g} to {float(new_lr(step - first)):.3g}.")
+
+
+def _saved_fields(old: dict, config: ml_collections.ConfigDict,
+                  changes: dict[str, tuple[Any, Any]]) -> dict:
+  """config.json after an accepted resume: the checkpoint's training-defining fields as
+  they were (changed ones, accepted, replaced), the latest run-control fields."""
+  saved = json.loads(json.dumps(old))
+  for name, value in _flatten(_config_fields(config)).items():
+    if name in changes or not is_training_field(name):
+      *parents, leaf = name.split(".")
+      node = saved
+      for p in parents:
+        node = node.setdefault(p, {})
+      node[leaf] = value
+  return saved
 
 
 @flax.struct.dataclass
@@ -72,6 +223,18 @@ def validate_config(config: ml_collections.ConfigDict, net: nets.Network) -> Non
       raise ValueError(f"Bad config: {msg}")
 
   need(config.batch_size > 0, f"batch_size must be positive; got {config.batch_size}.")
+  need(config.keep_checkpoints >= 1,
+       f"keep_checkpoints must be >= 1 (0 deletes every checkpoint); got "
+       f"{config.keep_checkpoints}. Use --config.keep_checkpoints=1 or more.")
+  need(config.checkpoint_every_epochs >= 1,
+       f"checkpoint_every_epochs must be >= 1; got {config.checkpoint_every_epochs}. Use "
+       f"--config.checkpoint_every_epochs=1 or more.")
+  need(config.eval_batch_size >= 1,
+       f"eval_batch_size must be >= 1; got {config.eval_batch_size}. Use e.g. "
+       f"--config.eval_batch_size=1000.")
+  need(config.num_validation >= 0,
+       f"num_validation must be >= 0; got {config.num_validation}. Use "
+       f"--config.num_validation=0 (no validation split) or more.")
   need(config.main_epochs >= 0 and config.joint_epochs >= 0, "epochs must be >= 0.")
   need(config.main_epochs + config.joint_epochs > 0, "main_epochs + joint_epochs is 0.")
   need(len(config.loss_weights) == net.num_exits,
@@ -190,6 +353,13 @@ def _fresh_state(phase: Phase, tx: optax.GradientTransformation, variables: nets
                     opt_state=tx.init(phase.trainable(params)))
 
 
+def _write_config(workdir: str, fields: dict) -> None:
+  """Writes `fields` to config.json (process 0)."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(fields, f, indent=2)
+
+
 def _report(line: str) -> None:
   if jax.process_index() == 0:  # One copy of each line in a multi-process run.
     progress.write(line)
@@ -202,10 +372,15 @@ def _fmt(values) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config.model` on `config.dataset`, checkpointing into `workdir`.
 
-  Resumes from the newest checkpoint in `workdir`. "auto" layer implementations
-  and ``config.compute_dtype`` are chosen for the running platform; what they
-  became is appended to ``workdir/runs.json`` (`checkpoint.record_run`), and
-  config.json keeps the fields as given. Unless training stops early
+  Resumes from the newest intact checkpoint in `workdir`; newer unreadable ones are
+  reported and moved aside (`checkpoint.set_aside`). On resume the config is
+  compared with config.json (`check_config_change`, `check_epoch_change`) before
+  anything is written; accepted changes go to ``workdir/config_history.json``, and
+  config.json keeps the training-defining fields the checkpoint was trained with
+  (updated only by an accepted change) and the latest run-control fields. "auto"
+  layer implementations and ``config.compute_dtype`` are chosen for the running
+  platform; what they became, with the resolved TFDS data dir, is appended to
+  ``workdir/runs.json`` (`checkpoint.record_run`). Unless training stops early
   (`config.halt_after_steps`), ends by writing ``workdir/eval.json``:
   ``{"validation": {"num_examples", "accuracy_per_exit"}, "test": {...}}``.
 
@@ -230,21 +405,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rng = jax.random.key(config.seed)
   variables = nets.init(net, jax.random.fold_in(rng, 0))
   identity = checkpoint.record(net.name, config.dataset, variables["params"])
-  latest = checkpoint.check_compatible(workdir, identity)  # Before anything is written.
-  splits = data.load_splits(config.dataset, config.num_validation, config.data_dir or None,
+  # Nothing is written before these checks pass.
+  latest, unreadable = checkpoint.newest_intact(workdir)
+  checkpoint.check_compatible(workdir, identity, latest)
+  old = None if latest is None else _saved_config(workdir)
+  changes = {} if old is None else check_config_change(old, config, latest)
+  data_dir = data.resolve_data_dir(config.data_dir or None)
+  splits = data.load_splits(config.dataset, config.num_validation, data_dir,
                             download=config.download,
                             train_shard=(jax.process_index(), jax.process_count()))
   train_split = dataclasses.replace(
       splits["train"], images=data.preprocess(config.dataset, splits["train"].images))
   steps_per_epoch = _steps_per_epoch(train_split, config.batch_size, mesh)
+  epochs_line = None if old is None else check_epoch_change(old, config, latest, steps_per_epoch)
   phases = make_phases(config, net, steps_per_epoch)
   total_steps = phases[-1].end_step
 
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  checkpoint.record_run(workdir, latest or 0, net, options, dtype)
+  for bad, line in unreadable.items():
+    if jax.process_index() == 0:
+      line = f"{line} Moved it to {checkpoint.set_aside(workdir, bad)}."
+    _report(line)
+  if unreadable and jax.process_count() > 1:  # Every manager below lists the same steps.
+    multihost_utils.sync_global_devices("bnet_jax.train: unreadable checkpoints set aside")
+  if latest is None and unreadable:
+    _report("No intact checkpoint: training starts from step 0.")
+  _write_config(workdir, _config_fields(config) if old is None else
+                _saved_fields(old, config, changes))
+  if changes:
+    checkpoint.record_config_change(workdir, latest, changes, override=any(
+        is_training_field(k) and k not in _EPOCH_FIELDS for k in changes))
+  if epochs_line:
+    _report(epochs_line)
+  checkpoint.record_run(workdir, latest or 0, net, options, dtype, data_dir)
 
   mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints)
   step = latest or 0

@@ -19,7 +19,7 @@ def base(model: str, model_options: dict, dataset: str, num_exits: int
   # Parameters, optimizer state, logits, losses and exit scores stay float32.
   c.compute_dtype = "auto"
   c.dataset = dataset
-  c.data_dir = ""  # Empty: $TFDS_DATA_DIR, else ~/tensorflow_datasets.
+  c.data_dir = ""  # Empty: $TFDS_DATA_DIR, else the checkout's .tfds/, else ~/tensorflow_datasets.
   c.download = True  # Download through TFDS if the dataset is not prepared.
   c.num_validation = 5000  # Held out from the end of the train split.
   c.seed = 0
@@ -43,4 +43,7 @@ def base(model: str, model_options: dict, dataset: str, num_exits: int
   c.checkpoint_every_epochs = 5
   c.keep_checkpoints = 3
   c.halt_after_steps = -1  # > 0: stop (with a checkpoint) after this many steps.
+  # Resume a checkpoint although a training-defining field changed (train.TRAINING_FIELDS);
+  # the change is recorded in W/config_history.json.
+  c.allow_config_change = False
   return c

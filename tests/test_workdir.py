@@ -1,0 +1,248 @@
+"""Workdir integrity: bad run-control values, config changes on resume, corrupt
+checkpoints, exact resume, the recorded data dir and offline downloads."""
+
+import glob
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from bnet_jax import checkpoint, data, train
+from conftest import REPO
+from experiments.configs import common
+from test_train import run, small_config, snapshot
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A finished 2-epoch mock run (1 main + 1 joint epoch of 4 steps), checkpoints 4 and 8."""
+  workdir = tmp_path_factory.mktemp("trained") / "w"
+  run(small_config(), workdir)
+  return workdir
+
+
+@pytest.fixture
+def workdir(trained, tmp_path):
+  """A private copy of the trained workdir."""
+  copy = tmp_path / "w"
+  shutil.copytree(trained, copy)
+  return copy
+
+
+def _training_fields(fields: dict) -> dict:
+  flat = train._flatten(fields)
+  return {k: v for k, v in flat.items() if train.is_training_field(k)}
+
+
+def test_field_kinds_partition_the_common_fields():
+  fields = common.base("b_resnet", {"depth": 110, "placement": "code", "conv_impl": "auto"},
+                       "cifar10", 3).to_dict()
+  top = [f for f in train.TRAINING_FIELDS + train.RUN_CONTROL_FIELDS if "." not in f]
+  assert sorted(top) == sorted(fields) and len(top) == len(set(top))
+  assert not train.is_training_field("model_options.conv_impl")
+  assert train.is_training_field("model_options.depth")
+  assert train.is_training_field("model_options.placement")
+  assert not train.is_training_field("compute_dtype")
+  for name in ("seed", "learning_rate", "main_epochs", "num_validation", "loss_weights"):
+    assert train.is_training_field(name)
+  for name in ("keep_checkpoints", "halt_after_steps", "data_dir", "allow_config_change"):
+    assert not train.is_training_field(name)
+
+
+@pytest.mark.parametrize("field,value", [("keep_checkpoints", 0),
+                                         ("checkpoint_every_epochs", 0),
+                                         ("eval_batch_size", 0), ("num_validation", -1)])
+def test_values_that_lose_data_are_refused_before_writing(tmp_path, field, value):
+  with pytest.raises(ValueError, match=f"{field} must be >= .*--config.{field}="):
+    run(small_config(**{field: value}), tmp_path / "w")
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("field,value,shown", [
+    ("seed", 1, "seed: 0 -> 1"), ("learning_rate", 2e-3, "learning_rate: 0.001 -> 0.002")])
+def test_changed_training_field_is_refused_on_resume(workdir, field, value, shown):
+  before = snapshot(workdir)
+  with pytest.raises(train.ConfigChangeError, match="--config.allow_config_change=True") as e:
+    run(small_config(**{field: value}), workdir)
+  assert shown in str(e.value)
+  assert snapshot(workdir) == before
+
+
+def test_override_trains_on_and_records_the_change(workdir):
+  run(small_config(learning_rate=2e-3, joint_epochs=2, allow_config_change=True), workdir)
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["learning_rate"] == 2e-3 and saved["joint_epochs"] == 2
+  (entry,) = checkpoint.config_history(str(workdir))
+  assert entry["step"] == 8 and entry["override"]
+  assert entry["changes"]["learning_rate"] == [1e-3, 2e-3]
+  assert entry["changes"]["joint_epochs"] == [1, 2]
+  assert checkpoint.latest_step(str(workdir)) == 12
+
+
+def test_run_control_change_keeps_the_training_fields(workdir):
+  before = json.loads((workdir / "config.json").read_text())
+  # loss_weights (1, 1) equals (1.0, 1.0), so it is no change, and config.json keeps
+  # the checkpoint's values as written: [1.0, 1.0].
+  run(small_config(eval_batch_size=256, keep_checkpoints=1, compute_dtype="bfloat16",
+                   model_options={"conv1_impl": "xla", "conv_impl": "xla"},
+                   loss_weights=(1, 1)), workdir)
+  after = json.loads((workdir / "config.json").read_text())
+  assert json.dumps(_training_fields(after)) == json.dumps(_training_fields(before))
+  assert (after["eval_batch_size"], after["keep_checkpoints"]) == (256, 1)
+  assert after["model_options"] == {"conv1_impl": "xla", "conv_impl": "xla"}
+  (entry,) = checkpoint.config_history(str(workdir))
+  assert not entry["override"] and entry["step"] == 8
+  assert entry["changes"] == {"compute_dtype": ["auto", "bfloat16"],
+                              "eval_batch_size": [128, 256], "keep_checkpoints": [3, 1],
+                              "model_options.conv1_impl": ["auto", "xla"],
+                              "model_options.conv_impl": ["auto", "xla"]}
+
+
+def test_more_epochs_train_further_and_fewer_are_refused(workdir, capsys):
+  before = snapshot(workdir)
+  with pytest.raises(train.ConfigChangeError, match="fewer than the checkpoint's step 8"):
+    run(small_config(main_epochs=0), workdir)
+  with pytest.raises(train.ConfigChangeError, match="past the main phase"):
+    run(small_config(main_epochs=2), workdir)
+  assert snapshot(workdir) == before
+  capsys.readouterr()
+  run(small_config(joint_epochs=2), workdir)
+  out = capsys.readouterr().out
+  assert ("joint_epochs 1 -> 2: training continues from step 8 to step 12; the constant "
+          "learning rate just continues.") in out
+  assert "Phase joint (b_lenet): steps 8..12" in out
+  assert checkpoint.latest_step(str(workdir)) == 12
+  assert json.loads((workdir / "config.json").read_text())["joint_epochs"] == 2
+  (entry,) = checkpoint.config_history(str(workdir))
+  assert entry["changes"] == {"joint_epochs": [1, 2]} and not entry["override"]
+
+
+def test_epoch_change_line_says_the_cosine_rate_jumps():
+  old = train._config_fields(small_config(lr_schedule="cosine", warmup_steps=0))
+  config = small_config(lr_schedule="cosine", warmup_steps=0, joint_epochs=3)
+  line = train.check_epoch_change(old, config, 6, 4)
+  # Step 6 is 2 steps into the joint phase: cos(pi * 2/4) -> cos(pi * 2/12).
+  assert ("joint_epochs 1 -> 3: training continues from step 6 to step 16; the cosine "
+          "schedule of the joint phase now spans 12 steps instead of 4, so the learning "
+          "rate jumps from 0.0005 to 0.000933.") == line
+
+
+def _truncate_largest(step_dir):
+  path = max(glob.glob(f"{step_dir}/**/d/*", recursive=True), key=os.path.getsize)
+  with open(path, "r+b") as f:
+    f.truncate(1000)
+  return path
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_is_kept(workdir, capsys):
+  truncated = _truncate_largest(workdir / "checkpoints" / "8")
+  assert checkpoint.load_trained(str(workdir)).step == 4
+  assert checkpoint.latest_step(str(workdir)) == 8  # Readers leave the workdir as it was.
+  capsys.readouterr()
+  results = run(small_config(), workdir)
+  out = capsys.readouterr().out
+  assert "Checkpoint 8 in" in out and "is unreadable" in out and "corrupt-8" in out
+  assert f"Resumed from {workdir} at step 4." in out
+  assert results["test"]["num_examples"] > 0
+  kept = truncated.replace(os.sep + "8" + os.sep, os.sep + "corrupt-8" + os.sep)
+  assert os.path.getsize(kept) == 1000
+  assert checkpoint.load_trained(str(workdir)).step == 8  # The new, intact step 8.
+
+
+def test_resume_starts_at_the_checkpoint_with_its_optimizer_state(tmp_path, monkeypatch, capsys):
+  saved, seen = {}, []
+  save = checkpoint.save
+
+  def recording_save(mngr, step, state, meta):
+    saved[step] = jax.device_get(state)
+    save(mngr, step, state, meta)
+
+  monkeypatch.setattr(checkpoint, "save", recording_save)
+  assert run(small_config(halt_after_steps=3), tmp_path) == {}
+  make_train_step = train.make_train_step
+
+  def counting(*args, **kwargs):
+    step_fn = make_train_step(*args, **kwargs)
+
+    def counted(state, batch, rng):
+      seen.append(jax.device_get(state))
+      return step_fn(state, batch, rng)
+    return counted
+
+  monkeypatch.setattr(train, "make_train_step", counting)
+  capsys.readouterr()
+  run(small_config(), tmp_path)
+  assert f"Resumed from {tmp_path} at step 3." in capsys.readouterr().out
+  assert len(seen) == 5  # Steps 3..7, not 0..7.
+  first = seen[0]
+  assert int(first.step) == 3
+  jax.tree.map(np.testing.assert_array_equal, first.opt_state, saved[3].opt_state)
+  jax.tree.map(np.testing.assert_array_equal, first.params, saved[3].params)
+
+
+def test_cli_refuses_a_changed_seed_with_exit_code_2(workdir):
+  before = snapshot(workdir)
+  done = subprocess.run(
+      [sys.executable, "-m", "experiments.train",
+       f"--config={REPO}/experiments/configs/lenet_mnist.py:smoke", f"--workdir={workdir}",
+       "--config.seed=1", "--config.num_validation=256"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "BNET_TCMALLOC": "0"})
+  assert done.returncode == 2
+  assert "seed: 0 -> 1" in done.stderr and "--config.allow_config_change=True" in done.stderr
+  assert snapshot(workdir) == before
+
+
+def test_runs_json_records_the_data_dir_and_readers_use_it(trained, tmp_path, monkeypatch):
+  (entry,) = checkpoint.runs(str(trained))
+  assert entry["data_dir"] == data.resolve_data_dir("/nonexistent-under-mock")
+  workdir, data_dir = tmp_path / "w", tmp_path / "tfds"
+  data_dir.mkdir()
+  shutil.copytree(trained, workdir)
+  config = json.loads((workdir / "config.json").read_text())
+  (workdir / "config.json").write_text(json.dumps({**config, "data_dir": ""}))
+  (workdir / "runs.json").write_text(json.dumps({"runs": [{**entry, "data_dir": str(data_dir)}]}))
+  monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+  assert checkpoint.read_config(str(workdir)).data_dir == str(data_dir)
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  assert checkpoint.read_config(str(workdir)).data_dir == ""
+
+
+def test_the_checkouts_data_dir_is_found_without_the_variable(tmp_path, monkeypatch):
+  monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+  monkeypatch.setattr(data, "REPO_DATA_DIR", str(tmp_path))
+  assert data.resolve_data_dir() == str(tmp_path)
+  monkeypatch.setattr(data, "REPO_DATA_DIR", str(tmp_path / "absent"))
+  assert data.resolve_data_dir() == os.path.expanduser("~/tensorflow_datasets")
+  monkeypatch.undo()
+  assert data.REPO_DATA_DIR == str(REPO / ".tfds")  # Where scripts/setup.sh builds it.
+
+
+def test_offline_download_fails_at_once_with_the_prepare_command(tmp_path, monkeypatch):
+  hosts = []
+  monkeypatch.setattr(data, "reachable", lambda host: hosts.append(host) or False)
+  start = time.perf_counter()
+  with pytest.raises(data.DataNotFoundError, match="cannot be reached.*experiments.prepare_data"):
+    data.load("mnist", "train", str(tmp_path / "empty"), download=True)
+  assert time.perf_counter() - start < 10
+  assert hosts == ["storage.googleapis.com"]
+
+
+def test_reachable_is_false_for_a_closed_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]  # Bound, not listening: connections are refused.
+    assert not data.reachable("127.0.0.1", port, timeout=0.5)
+
+
+def test_only_process_0_writes_the_history(tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  checkpoint.record_config_change(str(tmp_path), 4, {"eval_batch_size": (1, 2)}, override=False)
+  assert not (tmp_path / checkpoint.CONFIG_HISTORY_FILE).exists()
