@@ -62,6 +62,30 @@ of the device count), variables are replicated, and the record and order come ba
 replicated, so the host logic above is unchanged; XLA gathers the rows a prefix
 program selects across devices. Decisions equal one device's (DESIGN.md on rounding).
 
+Input policy (`reference` and `Cascade.predict` alike, so `predict.predict_split` and
+``experiments.predict``). Images must be a (B, H, W, C) float batch of the network's
+image size (`nets.check_images`), and finite and on the training scale: a batch
+holding NaN or inf is a ValueError naming how many images are bad ("images must be
+finite; 3 of 256 hold NaN or inf"), never a label; so is a batch with a pixel beyond
+``pixel_limit`` in magnitude (default `PIXEL_LIMIT` = 10: preprocessed images lie in
+[0, 1] for MNIST and within [-2.0, 2.2] for normalised CIFAR-10, while raw 0-255
+pixels exceed 10 in any image that is not almost black), which names the count and
+points to `bnet_jax.data.preprocess`; ``pixel_limit=None`` keeps only the finiteness
+check (inputs on another scale). Host arrays are checked on the host before any
+program runs (min and max of the batch: 2.3 us for one 28x28 image, 18 us for 256,
+0.2% of B-LeNet's batched cascade); a `jax.Array` is checked on its devices by one
+reduction, dispatched before the first stage and read before the first record, so the
+split never travels to the host. The batch-1 hot path (a float32 (1, H, W, C) host
+array once batch 1 is compiled) adds nothing to the common case, a sample leaving at
+the first exit, where the check would cost 3-4% of its 65 us: it checks the image
+only when the first program reports no exit. A NaN image always gets there (a NaN
+score passes no threshold, and the batch-1 programs report a NaN score at the last
+exit as no exit), so it is refused on every path; an inf or unscaled image whose first
+exit is nonetheless confident is the one case that goes unchecked. Thresholds are
+required (E-1 numbers, none NaN); an empty batch gives empty arrays. `reference` and
+`predict` make the same checks in the same order (shape and dtype, thresholds, pixels)
+and raise the same messages.
+
 Parameters are closed over as compile-time constants by default: passing B-LeNet's
 14-array pytree costs about 3.5 us per call. Thresholds are always a runtime argument,
 so changing them never recompiles. Modules always run in eval mode with every variable
@@ -89,6 +113,9 @@ DEFAULT_CHUNK_SIZE = 2048
 # "auto" runs batch 1 as "host" when its recomputed trunk is at most this many FLOPs
 # per sample (about the 10-20 us that "host" saves, at a few GFLOP/s on tiny layers).
 HOST_MAX_RECOMPUTE_FLOPS = 1e6
+# Largest pixel magnitude accepted by default: preprocessed images of every dataset in
+# `data.DATASETS` lie within [-2.0, 2.2]; raw 0-255 pixels exceed it (module docstring).
+PIXEL_LIMIT = 10.0
 _F32 = np.dtype(np.float32)
 
 
@@ -161,8 +188,15 @@ def _stages_before(net: nets.Network, k: int) -> list[int]:
 def check_thresholds(net: nets.Network, thresholds: Any, criterion: str) -> np.ndarray:
   """Validates E-1 exit thresholds; returns them as a (E-1,) float32 array."""
   criteria.get(criterion)
-  t = np.asarray(thresholds, dtype=np.float64).reshape(-1)
   want = net.num_exits - 1
+  need = (f"{net.name} needs a sequence of {want} float threshold(s), one per exit except "
+          f"the last")
+  if thresholds is None:
+    raise ValueError(f"Exit thresholds are required: {need}; got None.")
+  try:
+    t = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+  except (TypeError, ValueError):
+    raise ValueError(f"{need}; got {thresholds!r}.") from None
   if t.size != want:
     raise ValueError(f"{net.name} has {net.num_exits} exits, so it needs {want} threshold(s) "
                      f"(one per exit except the last); got {t.size}.")
@@ -174,21 +208,86 @@ def check_thresholds(net: nets.Network, thresholds: Any, criterion: str) -> np.n
   return t.astype(np.float32)
 
 
+def _pixel_report(x: jax.Array, limit: jax.Array) -> jax.Array:
+  """(B, ...) images -> (3,) float32: how many hold NaN or inf, how many have a finite
+  pixel beyond `limit` in magnitude, and the largest finite magnitude (for the message)."""
+  a = jnp.abs(x.astype(jnp.float32)).reshape(x.shape[0], -1)
+  finite = jnp.isfinite(a)
+  biggest = jnp.max(jnp.where(finite, a, 0.0), axis=1)
+  return jnp.stack([jnp.sum(~finite.all(axis=1)).astype(jnp.float32),
+                    jnp.sum(finite.all(axis=1) & (biggest > limit)).astype(jnp.float32),
+                    jnp.max(biggest)])
+
+
+_pixel_report_program = jax.jit(_pixel_report)
+
+
+def _raise_for_pixels(report: Any, total: int, limit: float | None) -> None:
+  """Raises the ValueError of the input policy if `_pixel_report`'s (3,) counts say so."""
+  nonfinite, far, biggest = (float(v) for v in np.asarray(report))
+  if nonfinite:
+    raise ValueError(f"Images must be finite; {int(nonfinite)} of {total} hold NaN or inf. "
+                     "Drop or repair them before prediction.")
+  if far:
+    raise ValueError(
+        f"{int(far)} of {total} images have pixels beyond +-{limit:g} (largest magnitude "
+        f"{biggest:g}), far outside the training scale ([0, 1] for MNIST): this looks like "
+        "unscaled 0-255 pixels; use bnet_jax.data.preprocess(dataset, images), or pass "
+        "pixel_limit=None for inputs on another scale.")
+
+
+def _limit(pixel_limit: float | None) -> float:
+  """`pixel_limit` as a float bound (None: no bound), checked."""
+  limit = math.inf if pixel_limit is None else float(pixel_limit)
+  if not limit > 0:
+    raise ValueError(f"pixel_limit must be positive or None; got {pixel_limit}.")
+  return limit
+
+
+def check_pixels(images: np.ndarray, pixel_limit: float | None = PIXEL_LIMIT) -> None:
+  """The input policy on a host batch (B, ...): finite, and within +-`pixel_limit`.
+
+  The common case costs a min and a max over the batch; the counts for the message
+  are computed only when one of them fails (NaN fails every comparison).
+  """
+  limit = _limit(pixel_limit)
+  if images.size and not (-limit <= images.min() and images.max() <= limit):
+    _raise_for_pixels(_pixel_report(np.asarray(images, np.float32), limit), len(images),
+                      pixel_limit)
+
+
+def _pending_pixel_check(x: jax.Array, pixel_limit: float | None) -> jax.Array:
+  """Dispatches `_pixel_report` on the devices holding `x`; read it with `_raise_for_pixels`."""
+  return _pixel_report_program(x, np.float32(_limit(pixel_limit)))
+
+
 def reference(net: nets.Network, variables: nets.Variables, images: Any,
-              thresholds: Sequence[float], criterion: str = "entropy") -> Prediction:
+              thresholds: Sequence[float], criterion: str = "entropy", *,
+              pixel_limit: float | None = PIXEL_LIMIT) -> Prediction:
   """Early-exit decisions from the all-exits pass: the ground truth for `Cascade`.
 
   Args:
     net, variables: the network and its variables (eval mode).
-    images: (B, H, W, C) float images.
-    thresholds: E-1 floats, exits in order.
+    images: (B, H, W, C) float images, finite and preprocessed (module docstring,
+      "Input policy": the same checks and errors as `Cascade.predict`).
+    thresholds: E-1 floats, exits in order (required).
     criterion: name in `criteria.CRITERIA`.
+    pixel_limit: largest pixel magnitude accepted (None: finiteness only).
 
   Returns:
-    `Prediction` with (B,) label, exit and score.
+    `Prediction` with (B,) label, exit and score; empty arrays for an empty batch.
   """
   nets.check_images(net, images)
   t = check_thresholds(net, thresholds, criterion)
+  if isinstance(images, jax.Array):
+    if images.shape[0]:
+      _raise_for_pixels(parallel.fetch(_pending_pixel_check(images, pixel_limit)),
+                        images.shape[0], pixel_limit)
+  else:
+    images = np.asarray(images, np.float32)
+    check_pixels(images, pixel_limit)
+  if images.shape[0] == 0:
+    return _empty_prediction()
   logits, scores = jax.device_get(
       _all_exits(net, criterion, variables, jnp.asarray(images, jnp.float32)))
   leave = np.asarray(criteria.exits(criterion, scores[:-1], t[:, None]))
@@ -197,6 +296,11 @@ def reference(net: nets.Network, variables: nets.Variables, images: Any,
   cols = np.arange(scores.shape[1])
   label = np.argmax(logits[exit_, cols], axis=-1).astype(np.int32)
   return Prediction(label, exit_, scores[exit_, cols].astype(np.float32))
+
+
+def _empty_prediction() -> Prediction:
+  empty = np.zeros(0, np.int32)
+  return Prediction(empty, empty, np.zeros(0, np.float32))
 
 
 def _all_exits(net: nets.Network, criterion: str, variables: nets.Variables, x: jax.Array
@@ -254,6 +358,8 @@ class Cascade:
       **nets.inference_options(name, b))``, as the benchmark does): the fastest
       convolution differs between batch 1, the small buckets of the samples that
       continue, and large batches. None: `net` for every bucket.
+    pixel_limit: largest pixel magnitude `predict` accepts (None: finiteness only;
+      module docstring, "Input policy").
   """
 
   def __init__(self, net: nets.Network, variables: nets.Variables,
@@ -262,9 +368,12 @@ class Cascade:
                chunk_size: int | None = DEFAULT_CHUNK_SIZE,
                latency_mode: str = "auto", params_as_constants: bool = True,
                mesh: Mesh | None = None,
-               bucket_net: Callable[[int], nets.Network] | None = None):
+               bucket_net: Callable[[int], nets.Network] | None = None,
+               pixel_limit: float | None = PIXEL_LIMIT):
     if latency_mode not in LATENCY_MODES:
       raise ValueError(f"Unknown latency_mode {latency_mode!r}; expected one of {LATENCY_MODES}.")
+    _limit(pixel_limit)
+    self.pixel_limit = pixel_limit
     self.net = net
     self.criterion = criterion
     self.thresholds = check_thresholds(net, thresholds, criterion)
@@ -320,14 +429,16 @@ class Cascade:
     """Early-exit predictions.
 
     Args:
-      images: (B, H, W, C) float images, preprocessed as in training: a host array,
+      images: (B, H, W, C) float images, finite and preprocessed as in training
+        (module docstring, "Input policy": a ValueError otherwise): a host array,
         or a `jax.Array` of any float dtype (e.g. a whole split put on the devices
         once), which stays on the devices: chunks are sliced, cast to float32 and
         padded there, and on a mesh resharded over its data axis.
       thresholds: E-1 floats replacing the cascade's own for this call (no recompile).
 
     Returns:
-      `Prediction` of numpy arrays: label (B,) int32, exit (B,) int32, score (B,) float32.
+      `Prediction` of numpy arrays: label (B,) int32, exit (B,) int32, score (B,) float32;
+      empty for an empty batch.
     """
     progs = self._one
     if (progs is not None and thresholds is None and type(images) is np.ndarray
@@ -336,22 +447,31 @@ class Cascade:
       # microsecond shows at batch 1, and each Python step here costs several after
       # XLA's run has evicted the interpreter's caches. Thresholds live on the device.
       out = np.asarray(progs[0](images, self._one_t))
-      if out[1, 0] < 0:  # Goes on past the first exit: the rare case.
-        out = _run_one(progs[1:], images, self._one_t)
+      if out[1, 0] < 0:  # Goes on past the first exit: the rare case, checked here.
+        check_pixels(images, self.pixel_limit)  # Every NaN image comes this way.
+        out = _run_one(progs, images, self._one_t, out, self.net.num_exits - 1)
       return Prediction(out[0], out[1], out[2].view(_F32))
     nets.check_images(self.net, images)
     t = (self.thresholds if thresholds is None
          else check_thresholds(self.net, thresholds, self.criterion))
-    x = images if isinstance(images, jax.Array) else np.asarray(images, np.float32)
+    pending = None
+    if isinstance(images, jax.Array):
+      x = images
+      if x.shape[0]:
+        pending = _pending_pixel_check(x, self.pixel_limit)
+    else:
+      x = np.asarray(images, np.float32)
+      check_pixels(x, self.pixel_limit)
     if x.shape[0] == 0:
-      empty = np.zeros(0, np.int32)
-      return Prediction(empty, empty, np.zeros(0, np.float32))
+      return _empty_prediction()
     if x.shape[0] == 1 and self.latency_mode != "batched":
       if isinstance(x, jax.Array):
+        _raise_for_pixels(parallel.fetch(pending), 1, self.pixel_limit)
         x = x.astype(jnp.float32)  # The programs take float32; cast where the image is.
-      out = _run_one(self._one_programs(), x, t)
+      progs = self._one_programs()
+      out = _run_one(progs, x, t, np.asarray(progs[0](x, t)), self.net.num_exits - 1)
       return Prediction(out[0], out[1], out[2].view(_F32))
-    return self._predict_batched(x, t)
+    return self._predict_batched(x, t, pending)
 
   def warmup(self, batch_sizes: Iterable[int]) -> None:
     """Compiles every program that batches of these sizes can reach, whatever the thresholds."""
@@ -505,7 +625,7 @@ class Cascade:
 
     def run(variables, x, t):
       _, logits, score = seg(variables, trunk(variables, x))
-      leave = jnp.bool_(True) if last else criteria.exits(name, score[0], t[k])
+      leave = ~jnp.isnan(score[0]) if last else criteria.exits(name, score[0], t[k])
       return _one_record(logits, score, jnp.where(leave, k, -1))
 
     return self._compile(("exit", k), run, self._spec(0, 1), self._t_spec())
@@ -517,9 +637,9 @@ class Cascade:
 
     def run_from(variables, k, h, t):
       h, logits, score = segs[k](variables, h)
+      if k == last:  # A NaN score is no exit: the host checks the image (`predict`).
+        return _one_record(logits, score, jnp.where(jnp.isnan(score[0]), -1, k))
       done = _one_record(logits, score, jnp.int32(k))
-      if k == last:
-        return done
       return lax.cond(criteria.exits(name, score[0], t[k]),
                       lambda h: done, lambda h: run_from(variables, k + 1, h, t), h)
 
@@ -528,7 +648,10 @@ class Cascade:
 
   # ---- the batched path -----------------------------------------------------------
 
-  def _predict_batched(self, x: np.ndarray | jax.Array, t: np.ndarray) -> Prediction:
+  def _predict_batched(self, x: np.ndarray | jax.Array, t: np.ndarray,
+                       pending: jax.Array | None) -> Prediction:
+    """Every chunk of x (N, ...) through the stage programs; `pending`: the device
+    array's `_pixel_report`, read (raising on bad images) before the first record."""
     groups = [self._chunk(x, rows) for rows in self._chunks(x.shape[0])]
     size = x.shape[0]
     label, exit_, score = (np.zeros(size, np.int32), np.zeros(size, np.int32),
@@ -537,6 +660,9 @@ class Cascade:
     for k in range(self.net.num_exits):
       # Dispatch every chunk before reading any result, so reads overlap compute.
       outs = [self._stage_program(k, g.b)(g.h, g.pos, np.int32(g.n), t) for g in groups]
+      if pending is not None:  # The devices computed it before the first stage.
+        _raise_for_pixels(parallel.fetch(pending), x.shape[0], self.pixel_limit)
+        pending = None
       survivors = []
       for g, out in zip(groups, outs):
         h, order, record = (None, None, out) if k == last else out
@@ -610,16 +736,24 @@ def _continuing_first(cont: jax.Array) -> jax.Array:
   return jnp.zeros_like(rows).at[dest].set(rows, unique_indices=True)
 
 
-def _run_one(programs: Sequence[Any], x: Any, t: Any) -> np.ndarray:
-  """Runs batch-1 programs in turn until one's record has an exit; returns that record.
+def _run_one(programs: Sequence[Any], x: Any, t: Any, first: np.ndarray, last: int
+             ) -> np.ndarray:
+  """Runs batch-1 programs after the first, whose record is `first`, until one's record
+  has an exit; returns that record.
 
-  Each returns a (3, 1) int32 record (`_one_record`): label, exit (-1: goes on), score bits.
+  Each returns a (3, 1) int32 record (`_one_record`): label, exit (-1: goes on), score
+  bits. The last exit's program gives -1 for a NaN score; for an image that passed the
+  input checks (NaN from the variables, say) the sample leaves there, as when batched.
   """
-  for prog in programs:
-    out = np.asarray(prog(x, t))
+  out = first
+  for prog in programs[1:]:
     if out[1, 0] >= 0:
       return out
-  raise AssertionError("The last exit program always returns an exit.")
+    out = np.asarray(prog(x, t))
+  if out[1, 0] < 0:
+    out = out.copy()
+    out[1, 0] = last
+  return out
 
 
 def _one_record(logits: jax.Array, score: jax.Array, exit_: jax.Array) -> jax.Array:

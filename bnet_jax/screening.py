@@ -492,6 +492,30 @@ _P_VALUES: dict[str, Callable[[np.ndarray, int, float], np.ndarray]] = {
 }
 
 
+def min_p_value(n_test: int, epsilon: float, method: str = "binomial") -> float:
+  """The smallest p-value any candidate can get from `n_test` test samples: zero losses.
+
+  Both methods give ``(1 - epsilon) ** n_test`` there (Hoeffding-Bentkus: the minimum
+  of that and e times it), so no candidate is certified at ``delta`` below it.
+  """
+  return float(_P_VALUES[method](np.zeros(1), int(n_test), _check_open_unit("epsilon", epsilon))[0])
+
+
+def min_test_samples(epsilon: float, delta: float, method: str = "binomial") -> int:
+  """The fewest test samples at which a loss-free candidate is certified: p <= delta.
+
+  E.g. epsilon 0.001, delta 0.1: 2,302 (``ceil(log delta / log(1 - epsilon))``), so
+  `select_risk_controlled` with its default split needs 4,603 calibration samples.
+  """
+  epsilon, delta = _check_open_unit("epsilon", epsilon), _check_open_unit("delta", delta)
+  n = max(1, math.ceil(math.log(delta) / math.log1p(-epsilon)))
+  while n > 1 and min_p_value(n - 1, epsilon, method) <= delta:  # Rounding, either way.
+    n -= 1
+  while min_p_value(n, epsilon, method) > delta:
+    n += 1
+  return n
+
+
 def _no_loss(correct: np.ndarray) -> np.ndarray:
   """(N, S) relabelling under which "wrong at its exit" means "a loss" (see below).
 

@@ -16,6 +16,7 @@ then reports what the chosen vector does. Rules (see `bnet_jax.screening`):
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -72,7 +73,11 @@ def choose(validation: CachedExits, test: CachedExits, criterion: str,
   Returns:
     A JSON-serialisable record: criterion, rule and its parameters, the split it was
     chosen on, the thresholds, and their validation and test figures (accuracy,
-    exit fractions, expected FLOPs per sample).
+    exit fractions, expected FLOPs per sample). Rule ``risk`` adds ``certifiable``
+    (whether a loss-free candidate would be certified with this many validation
+    samples; checked before screening, with a warning when not, since every candidate
+    then falls back to no early exit) and ``samples_needed`` (validation samples that
+    make it so: the test half of the split must hold `screening.min_test_samples`).
   """
   criteria.get(criterion)
   if rule not in RULES:
@@ -81,7 +86,18 @@ def choose(validation: CachedExits, test: CachedExits, criterion: str,
   higher = not criteria.EXITS_BELOW[criterion]
   scores, correct = validation.scores(criterion), validation.correct()
   grid = candidates(validation, criterion, rule, grid_size)
+  risk = {}
   if rule == "risk":
+    n = scores.shape[1]
+    need = 2 * screening.min_test_samples(epsilon, delta) - 1  # Test half: n - n // 2.
+    risk = {"certifiable": n >= need, "samples_needed": need}
+    if not risk["certifiable"]:
+      warnings.warn(
+          f"Rule 'risk' cannot certify any early exit with {n} validation samples at "
+          f"epsilon={epsilon}, delta={delta}: even zero losses on the {n - n // 2} test "
+          f"samples give p = {screening.min_p_value(n - n // 2, epsilon):.3g} > {delta}. "
+          f"It needs {need} samples (or a larger epsilon or delta); the result is the "
+          "no-early-exit fallback.", stacklevel=2)
     chosen = screening.select_risk_controlled(scores, correct, grid, costs, epsilon, delta,
                                               higher_is_confident=higher)
   else:
@@ -102,6 +118,7 @@ def choose(validation: CachedExits, test: CachedExits, criterion: str,
       "chosen_on": "validation",
       "thresholds": [float(t) for t in chosen.thresholds],
       "certified": chosen.certified,
+      **risk,
       "validation": {"accuracy": chosen.accuracy, "expected_flops": chosen.expected_cost,
                      "exit_fractions": [float(f) for f in chosen.exit_fractions],
                      "last_exit_accuracy": screening.last_exit_accuracy(correct)},

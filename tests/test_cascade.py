@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnet_jax import cascade, criteria, nets
+from bnet_jax import cascade, criteria, data, nets
 
 CRITERIA = ("entropy", "max_prob", "margin")
 BAND = 1e-4
@@ -340,14 +340,87 @@ def test_no_recompilation_after_warmup(tiny):
     ([], "needs 1 threshold"),
     ([float("nan")], "NaN"),
     ([-0.1], "negative"),
+    (None, "thresholds are required: b_lenet needs a sequence of 1 float threshold"),
+    (["low"], "needs a sequence of 1 float threshold"),
 ])
 def test_bad_thresholds(blenet, thresholds, match):
   with pytest.raises(ValueError, match=match):
     cascade.Cascade(blenet.net, blenet.variables, thresholds)
-  with pytest.raises(ValueError, match=match):
-    cascade.reference(blenet.net, blenet.variables, blenet.x[:2], thresholds)
-  with pytest.raises(ValueError, match=match):
-    blenet.cascade().predict(blenet.x[:2], thresholds)
+  for size in (0, 1, 2):  # predict(x, None) means the cascade's own: reference only.
+    with pytest.raises(ValueError, match=match):
+      cascade.reference(blenet.net, blenet.variables, blenet.x[:size], thresholds)
+    if thresholds is not None:
+      with pytest.raises(ValueError, match=match):
+        blenet.cascade().predict(blenet.x[:size], thresholds)
+
+
+def _predictors(case):
+  """(name, predict(images)) of `reference` and of the cascade on every path: batched,
+  batch 1 in each latency mode, and the numpy batch-1 hot path (warmed up first)."""
+  t = [0.5] * (case.net.num_exits - 1)
+  out = [("reference", lambda x: cascade.reference(case.net, case.variables, x, t))]
+  for mode in ("host", "cond", "batched"):
+    cas = case.cascade("entropy", mode)
+    cas.predict(case.x[:1])  # Compiles batch 1: later float32 images take the hot path.
+    out.append((mode, cas.predict))
+  return out
+
+
+def test_empty_batch_gives_empty_arrays_everywhere(blenet):
+  for name, predict in _predictors(blenet):
+    for x in (blenet.x[:0], jnp.asarray(blenet.x[:0])):
+      pred = predict(x)
+      assert [(a.shape, a.dtype) for a in pred] == [((0,), np.int32)] * 2 + [((0,), np.float32)], name
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("size", [1, 5])
+def test_non_finite_images_are_refused_everywhere(blenet, bad, size):
+  """Never a label for a NaN or inf image: reference, every batch-1 path (the hot path
+  too: a NaN score passes no threshold) and batched, host and device arrays alike."""
+  x = blenet.x[:size].copy()
+  x[-1, 3, 4, 0] = bad
+  if size > 1:
+    x[0, 0, 0, 0] = bad
+  want = f"Images must be finite; {min(size, 2)} of {size} hold NaN or inf"
+  for name, predict in _predictors(blenet):
+    for images in (x, jnp.asarray(x), jnp.asarray(x, jnp.bfloat16)):
+      with pytest.raises(ValueError, match=want):
+        predict(images)
+        pytest.fail(f"{name} gave a label for a non-finite {type(images).__name__}")
+
+
+def test_unscaled_pixels_are_refused_outside_the_hot_path(blenet):
+  raw = np.clip(blenet.x[:5] * 80 + 120, 0, 255).round().astype(np.float32)  # 0-255 pixels.
+  want = "5 of 5 images have pixels beyond \\+-10 .* unscaled 0-255 pixels; use bnet_jax.data.preprocess"
+  for name, predict in _predictors(blenet):
+    # The numpy hot path ("host", "cond") checks only images that go past exit 1.
+    one = [raw[:1]] if name in ("reference", "batched") else []
+    for images in [raw, jnp.asarray(raw), jnp.asarray(raw[:1])] + one:
+      n = len(images)
+      with pytest.raises(ValueError, match=want.replace("5 of 5", f"{n} of {n}")):
+        predict(images)
+  # pixel_limit=None: another scale on purpose; a pixel limit of your own.
+  t = [0.5]
+  assert len(cascade.reference(blenet.net, blenet.variables, raw, t, pixel_limit=None).label) == 5
+  cas = cascade.Cascade(blenet.net, blenet.variables, t, pixel_limit=None)
+  assert len(cas.predict(raw).label) == 5
+  with pytest.raises(ValueError, match="1 of 5 images have pixels beyond \\+-0.5 \\(largest magnitude 0.7\\)"):
+    x = np.full((5, 28, 28, 1), 0.1, np.float32)
+    x[2, 5, 5] = 0.7
+    cascade.reference(blenet.net, blenet.variables, x, t, pixel_limit=0.5)
+  with pytest.raises(ValueError, match="pixel_limit must be positive"):
+    cascade.Cascade(blenet.net, blenet.variables, t, pixel_limit=0)
+
+
+def test_pixel_limit_is_generous_for_every_dataset():
+  """Preprocessed pixels of every dataset lie well inside PIXEL_LIMIT; raw ones beyond it."""
+  for name, spec in data.DATASETS.items():
+    extremes = np.array([0, 255], np.uint8).reshape(2, 1, 1, 1) * np.ones(spec.image_shape,
+                                                                           np.uint8)
+    scaled = data.preprocess(name, extremes)
+    assert np.abs(scaled).max() <= cascade.PIXEL_LIMIT / 4, name
+  assert 255 / 2 > cascade.PIXEL_LIMIT  # Even a dim raw image (max 128) is refused.
 
 
 def test_unknown_criterion(blenet):
@@ -365,12 +438,17 @@ def test_negative_threshold_is_fine_for_max_prob(blenet):
 @pytest.mark.parametrize("images, match", [
     (np.zeros((28, 28, 1), np.float32), "batch of images"),
     (np.zeros((2, 32, 32, 1), np.float32), "28x28"),
-    (np.zeros((2, 28, 28, 3), np.float32), "channel"),
+    (np.zeros((1, 28, 28, 3), np.float32), "channel"),
     (np.zeros((2, 28, 28, 1), np.uint8), "float"),
+    (np.zeros((1, 28, 28, 1), np.int32), "float"),
+    (np.zeros((0, 28, 28, 1), bool), "float"),
+    (np.zeros((0, 28, 28), np.float32), "batch of images"),
 ])
 def test_bad_images(blenet, images, match):
-  with pytest.raises(ValueError, match=match):
-    blenet.cascade().predict(images)
+  for name, predict in _predictors(blenet):
+    for x in (images, jnp.asarray(images)):
+      with pytest.raises(ValueError, match=match):
+        predict(x)
 
 
 def test_bad_options(blenet):

@@ -5,10 +5,12 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.test_util import check_grads
 
-from bnet_jax import criteria, losses, nets
+from bnet_jax import criteria, losses, nets, train
+from test_cascade import random_variables, tiny_network
 
 
 def test_entropy_hand_values():
@@ -87,3 +89,35 @@ def _check_network_gradient():
   numeric = (loss(shifted(1.0)) - loss(shifted(-1.0))) / (2 * eps)
   np.testing.assert_allclose(numeric, analytic, rtol=1e-5)
   assert abs(float(analytic)) > 1e-3  # The check is not vacuous.
+
+
+def test_weighted_joint_step_follows_the_loss_weights():
+  """One joint step with weights (0.3, 2.0, 0.7) and plain SGD at lr 1: its loss metric
+  is the weighted sum of per-exit cross-entropies computed here, and every parameter
+  moves by minus the gradient of that weighted loss."""
+  net, weights = tiny_network(), (0.3, 2.0, 0.7)  # 3 exits, BatchNorm in train mode.
+  variables = random_variables(net, 5)
+  rng = np.random.default_rng(9)
+  batch = {"image": rng.normal(size=(12, 8, 8, 2)).astype(np.float32),
+           "label": rng.integers(0, 5, 12).astype(np.int32)}
+  phase = train.Phase("joint", net, weights, first_step=0, num_steps=1)
+  tx = optax.sgd(1.0)
+  params = jax.tree.map(np.asarray, variables["params"])  # Host copies: the step donates.
+  state = train.TrainState(step=jnp.int32(0), params=variables["params"],
+                           model_state={"batch_stats": variables["batch_stats"]},
+                           opt_state=tx.init(variables["params"]))
+
+  def weighted_loss(p):
+    out, _ = nets.forward(net, {"params": p, "batch_stats": variables["batch_stats"]},
+                          batch["image"], train=True)
+    logp = jax.nn.log_softmax(out.logits, axis=-1)
+    ce = -jnp.take_along_axis(logp, batch["label"][None, :, None], axis=-1)[..., 0].mean(axis=1)
+    return jnp.dot(jnp.asarray(weights), ce), ce
+
+  (want_loss, want_ce), grads = jax.value_and_grad(weighted_loss, has_aux=True)(params)
+  assert np.ptp(np.asarray(want_ce)) > 0.1  # Weights matter: the exits' losses differ.
+  new_state, metrics = train.make_train_step(phase, tx)(state, batch, jax.random.key(0))
+  np.testing.assert_allclose(metrics["loss_per_exit"], want_ce, rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-5)
+  jax.tree.map(lambda new, old, g: np.testing.assert_allclose(new, old - g, rtol=1e-4, atol=1e-6),
+               new_state.params, params, grads)

@@ -292,6 +292,64 @@ def test_hb_p_value_is_more_conservative_than_binomial():
   assert np.all(hb >= binomial - 1e-15) and np.all(hb <= 1.0 + 1e-12)
 
 
+def _hb_by_formula(k, n, epsilon):
+  """Hoeffding-Bentkus p-value (LTT, Prop. 3.2) from its formula, one loss count at a time."""
+  a = min(k / n, epsilon)
+  h = (a * math.log(a / epsilon) if a else 0.0) + (1 - a) * math.log((1 - a) / (1 - epsilon))
+  return min(math.exp(-n * h), math.e * stats.binom.cdf(math.ceil(k), n, epsilon))
+
+
+@pytest.mark.parametrize("losses, n, epsilon", [
+    (np.arange(0, 40), 1000, 0.02), ([0, 1, 3, 17], 2500, 0.001), ([0, 50, 120, 4000], 4000, 0.03),
+    ([0, 2, 9], 50, 0.2)])
+def test_p_values_equal_an_independent_computation(losses, n, epsilon):
+  losses = np.asarray(losses)
+  binomial = [stats.binom.cdf(k, n, epsilon) for k in losses]
+  hb = [_hb_by_formula(int(k), n, epsilon) for k in losses]
+  np.testing.assert_allclose(screening._binomial_p_values(losses, n, epsilon), binomial,
+                             rtol=0, atol=1e-12)
+  np.testing.assert_allclose(screening._hb_p_values(losses, n, epsilon), hb, rtol=0, atol=1e-12)
+  assert screening.min_p_value(n, epsilon) == pytest.approx((1 - epsilon) ** n, abs=1e-12)
+  assert screening.min_p_value(n, epsilon, "hb") == pytest.approx((1 - epsilon) ** n, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["binomial", "hb"])
+def test_risk_control_refuses_a_p_value_just_above_delta(method):
+  """Two candidates tested in a given order: A loses nothing, B loses k samples with
+  delta < p(B) < 3 delta. Only A may be certified; B when delta is raised past p(B)."""
+  n, epsilon, delta = 1000, 0.02, 0.1
+  p_value = lambda k: screening._P_VALUES[method](np.array([k]), n, epsilon)[0]
+  k = next(k for k in range(n) if p_value(k) > delta)
+  assert delta < p_value(k) < 3 * delta
+  scores = np.tile(np.linspace(0.1, 1.0, n), (2, 1))  # Entropy; exit 0 wrong on k samples.
+  correct = np.ones((2, n), bool)
+  correct[0, :k] = False
+  candidates = np.array([[0.0], [np.inf]])  # A: nobody exits early; B: everybody does.
+  args = (scores, correct, candidates, [1.0, 2.0], epsilon)
+  chosen = screening.select_risk_controlled(*args, delta, higher_is_confident=False,
+                                            method=method, ordering=[0, 1])
+  assert chosen.certified and chosen.index == 0 and chosen.params["num_rejected"] == 1
+  looser = screening.select_risk_controlled(*args, p_value(k) + 1e-9, higher_is_confident=False,
+                                            method=method, ordering=[0, 1])
+  assert looser.index == 1 and looser.params["p_value"] == pytest.approx(p_value(k), abs=1e-12)
+
+
+@pytest.mark.parametrize("epsilon, delta", [(0.001, 0.1), (0.01, 0.05), (0.05, 0.2), (0.3, 0.9)])
+@pytest.mark.parametrize("method", ["binomial", "hb"])
+def test_min_test_samples_is_where_zero_losses_first_certify(epsilon, delta, method):
+  m = screening.min_test_samples(epsilon, delta, method)
+  assert screening.min_p_value(m, epsilon, method) <= delta
+  assert m == 1 or screening.min_p_value(m - 1, epsilon, method) > delta
+  assert m == math.ceil(math.log(delta) / math.log(1 - epsilon))
+
+
+def test_min_p_value_at_the_default_validation_split():
+  """B-LeNet's 5,000 validation samples leave 2,500 to test: epsilon 0.001 certifies
+  only with zero losses there (p = 0.999**2500 = 0.082 <= 0.1)."""
+  assert screening.min_p_value(2500, 0.001) == pytest.approx(0.0819824, abs=1e-6)
+  assert screening.min_test_samples(0.001, 0.1) == 2302
+
+
 # ----------------------------------------------------------------------------------
 # Input errors.
 

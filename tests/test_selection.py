@@ -1,6 +1,7 @@
 """Choosing thresholds for a model from cached outputs (validation in, test out)."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -64,3 +65,19 @@ def test_unknown_rule_and_criterion():
     selection.choose(val, val, "entropy", [1.0, 2.0], rule="best")
   with pytest.raises(ValueError, match="Unknown exit criterion"):
     selection.choose(val, val, "confidence", [1.0, 2.0])
+
+
+def test_risk_rule_says_when_no_early_exit_can_be_certified():
+  """epsilon 0.001, delta 0.1: the test half needs 2,302 samples, so 4,603 in all."""
+  test = synthetic(200, 1)
+  with pytest.warns(UserWarning, match="cannot certify any early exit with 4000 validation "
+                                       "samples.* p = 0.135 > 0.1. It needs 4603 samples"):
+    r = selection.choose(synthetic(4000, 0), test, "entropy", [1.0, 3.0], rule="risk",
+                         epsilon=0.001)
+  assert r["certifiable"] is False and r["samples_needed"] == 4603 and r["certified"] is False
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    r = selection.choose(synthetic(4603, 0), test, "entropy", [1.0, 3.0], rule="risk",
+                         epsilon=0.001)
+  assert r["certifiable"] is True and r["samples_needed"] == 4603
+  assert "certifiable" not in selection.choose(synthetic(4000, 0), test, "entropy", [1.0, 3.0])
