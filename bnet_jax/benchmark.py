@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnet_jax import (cascade, checkpoint, cost, data, evaluate, nets, plots, runtime, selection,
-                      timing)
+from bnet_jax import (cascade, checkpoint, cost, criteria, data, evaluate, nets, plots, runtime,
+                      selection, timing)
 
 
 def main_path_predictor(net: nets.Network, variables: nets.Variables
@@ -52,12 +52,17 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
         compute_dtype: str | None = None) -> dict:
   """Chooses thresholds, times baseline and cascade, writes the results into `workdir`.
 
-  Writes ``thresholds.json`` (per criterion, with provenance), ``benchmark.json``
-  (``{"rows": [...]}``, one row per batch size and criterion; rows an earlier run
-  wrote for other batch sizes or criteria are kept) and ``accuracy_vs_cost.png``.
+  Writes ``thresholds.json`` (``{"step", "compute_dtype", "criteria": {name: choice}}``),
+  ``benchmark.json`` (``{"step", "compute_dtype", "rows": [...]}``, one row per batch
+  size and criterion, each with its ``step``) and ``accuracy_vs_cost.png``. What an
+  earlier run wrote for the same checkpoint step and compute dtype is kept in both
+  files (other criteria; rows of other batch sizes), so they hold the same criteria;
+  anything from another step or dtype is dropped from both.
 
   Args:
-    workdir: a trained workdir; its cached ``exits_*.npz`` are made if missing.
+    workdir: a trained workdir; its cached ``exits_*.npz`` are made if missing and
+      remade (saying so in one printed line) if they are from another checkpoint
+      step or compute dtype.
     batch_sizes: batch sizes to time.
     criteria_names: exit criteria to benchmark.
     rule, epsilon, delta, max_cost_fraction: the threshold selection rule
@@ -73,12 +78,22 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
 
   Returns:
     The benchmark.json contents.
+
+  Raises:
+    ValueError: an empty or non-positive batch size, `repeats` < 1 or an unknown
+      criterion (before anything is loaded); a rule's parameter out of range.
   """
+  if not batch_sizes or min(batch_sizes) < 1:
+    raise ValueError(f"batch_sizes must be positive integers; got {list(batch_sizes)}.")
+  if repeats < 1:
+    raise ValueError(f"repeats must be at least 1; got {repeats}.")
+  for name in criteria_names:
+    criteria.get(name)
   # FLOPs are counted on the layers the network trained with; timing uses the fastest.
   config = checkpoint.read_config(workdir)
   dtype = compute_dtype or checkpoint.trained_compute_dtype(workdir, config)
   trained = checkpoint.load_trained(workdir, compute_dtype=dtype)
-  net, variables = trained.net, trained.variables
+  net, variables, step = trained.net, trained.variables, int(trained.step)
 
   def options_for(batch: int) -> dict:
     return dict(model_options if model_options is not None
@@ -86,9 +101,7 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
 
   def net_for(batch: int) -> nets.Network:
     return checkpoint.network(config, dtype, **options_for(batch))
-  if not all(os.path.exists(evaluate.exits_path(workdir, s)) for s in ("validation", "test")):
-    evaluate.cache_exits(workdir)
-  val, test = evaluate.load_exits(workdir, "validation"), evaluate.load_exits(workdir, "test")
+  val, test = _cached_exits(workdir, dtype)
   split = data.load(config.dataset, "test", config.data_dir or None, download=config.download)
   images = data.preprocess(config.dataset, split.images)
   labels = split.labels
@@ -124,7 +137,7 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
       n = len(batches) * b
       row = {
           "network": net.name, "dataset": config.dataset, "split": "test", "device": _device(),
-          "backend": jax.default_backend(), "compute_dtype": dtype,
+          "backend": jax.default_backend(), "step": step, "compute_dtype": dtype,
           "batch_size": b, "criterion": criterion, "thresholds": choice["thresholds"],
           "exit_fractions": [float(f) for f in fractions],
           "baseline": {"accuracy": base_accuracy, "ms_per_sample": 1e3 * seconds["baseline"] / n,
@@ -153,9 +166,14 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
                 "cost": rows[-1]["branchy"]["expected_flops_per_sample"],
                 "accuracy": rows[-1]["branchy"]["accuracy"]}]
 
-  _write_json(os.path.join(workdir, "thresholds.json"), chosen)
-  results = {"rows": _merge_rows(os.path.join(workdir, "benchmark.json"), rows)}
-  _write_json(os.path.join(workdir, "benchmark.json"), results)
+  provenance = {"step": step, "compute_dtype": dtype}
+  path = os.path.join(workdir, "thresholds.json")
+  earlier = _same_provenance(path, provenance)
+  _write_json(path, {**provenance, "criteria": {**earlier.get("criteria", {}), **chosen}})
+  path = os.path.join(workdir, "benchmark.json")
+  results = {**provenance,
+             "rows": _merge_rows(_same_provenance(path, provenance).get("rows", []), rows)}
+  _write_json(path, results)
   first = criteria_names[0]
   grid = selection.candidates(val, first, "accuracy_drop", 200)
   plots.accuracy_vs_cost(
@@ -166,15 +184,37 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
   return results
 
 
-def _merge_rows(path: str, rows: list[dict]) -> list[dict]:
-  """`rows` plus the rows an earlier run left in `path` for other (batch, criterion) pairs.
+def _cached_exits(workdir: str, dtype: str) -> tuple[evaluate.CachedExits, evaluate.CachedExits]:
+  """The validation and test exit caches of the newest checkpoint in `dtype`, remade
+  (with one printed line saying why) when missing or from another step or dtype."""
+  try:
+    return tuple(evaluate.load_exits(workdir, s, dtype) for s in ("validation", "test"))
+  except (FileNotFoundError, evaluate.StaleExitsError) as e:
+    reason = getattr(e, "reason", "an exit cache is missing")
+    print(f"rebuilding the exit cache ({reason}): python -m experiments.evaluate "
+          f"--workdir={workdir} --compute_dtype={dtype}", flush=True)
+  evaluate.cache_exits(workdir, compute_dtype=dtype)
+  return tuple(evaluate.load_exits(workdir, s, dtype) for s in ("validation", "test"))
+
+
+def _same_provenance(path: str, provenance: dict) -> dict:
+  """What an earlier run wrote to the JSON file `path` if it came from the same
+  checkpoint step and compute dtype as `provenance`, else {} (nothing to keep)."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    earlier = json.load(f)
+  return earlier if all(earlier.get(k) == v for k, v in provenance.items()) else {}
+
+
+def _merge_rows(earlier: list[dict], rows: list[dict]) -> list[dict]:
+  """`rows` plus the `earlier` rows (of the same step and dtype) for other (batch,
+  criterion) pairs of the same network.
 
   So batch 1 can be timed in a one-core process and the batched sizes in another.
   """
-  if not rows or not os.path.exists(path):
+  if not rows:
     return rows
-  with open(path) as f:
-    earlier = json.load(f).get("rows", [])
   key = lambda r: (r["network"], r["criterion"], r["batch_size"])  # noqa: E731
   ours = {key(r) for r in rows}
   kept = [r for r in earlier if key(r) not in ours and r["network"] == rows[0]["network"]]

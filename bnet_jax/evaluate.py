@@ -47,12 +47,15 @@ def _prepare(net: nets.Network, variables: nets.Variables, images: np.ndarray,
              batch_size: int, mesh: Mesh | None, progress_desc: str | None
              ) -> tuple[tuple[Callable, Callable], nets.Variables, Any, int, Iterable[int]]:
   """What a pass over `images` needs: the programs, the replicated variables, the
-  row sharding, the global batch (at most `batch_size`, rounded up to a multiple of
-  the mesh's device count) and the start row of each batch."""
+  row sharding, the global batch (at most `batch_size`, cut to the split's size,
+  rounded up to a multiple of the mesh's device count) and the start row of each
+  batch. A ValueError refuses `batch_size` < 1 (a typo, not a request for one row)."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be a positive number of rows; got {batch_size}.")
   nets.check_images(net, images)
   mesh = mesh or parallel.make_mesh(jax.local_devices()[:1])
   n, d = len(images), mesh.size
-  batch_size = -(-max(1, min(batch_size, n)) // d) * d
+  batch_size = -(-max(1, min(batch_size, n)) // d) * d  # At least 1 row for an empty split.
   starts = range(0, n, batch_size)
   if progress_desc is not None:
     starts = progress.bar(starts, desc=progress_desc, unit="batch")
@@ -157,7 +160,13 @@ def cache_exits(workdir: str, splits: Sequence[str] = ("validation", "test"),
 
   Returns:
     The written paths by split.
+
+  Raises:
+    ValueError: `batch_size` < 1 (before anything is loaded), or a split the
+      config does not hold.
   """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be a positive number of rows; got {batch_size}.")
   trained = checkpoint.load_trained(workdir, mesh=mesh, compute_dtype=compute_dtype)
   c = trained.config
   loaded = data.load_splits(c.dataset, c.num_validation, c.data_dir or None, download=c.download,
@@ -177,10 +186,23 @@ def cache_exits(workdir: str, splits: Sequence[str] = ("validation", "test"),
   return paths
 
 
+class StaleExitsError(ValueError):
+  """A cached ``exits_{split}.npz`` is not from the workdir's newest checkpoint (or
+  not in the compute dtype asked for): figures from it would describe another model.
+  `reason` is the problem alone, without the message's advice to rerun."""
+
+  def __init__(self, reason: str, advice: str):
+    super().__init__(f"{reason}: {advice}")
+    self.reason = reason
+
+
 class CachedExits(NamedTuple):
-  """A split's cached all-exits outputs: logits (E, N, C), labels (N,)."""
+  """A split's cached all-exits outputs: logits (E, N, C), labels (N,), and the
+  checkpoint step and compute dtype they came from (None when built in memory)."""
   logits: np.ndarray
   labels: np.ndarray
+  step: int | None = None
+  compute_dtype: str | None = None
 
   def scores(self, criterion: str) -> np.ndarray:
     """(E, N) confidence scores under `criterion`."""
@@ -191,11 +213,35 @@ class CachedExits(NamedTuple):
     return np.argmax(self.logits, -1) == self.labels[None]
 
 
-def load_exits(workdir: str, split: str) -> CachedExits:
-  """Reads what `cache_exits` wrote; a FileNotFoundError says how to make it."""
+def load_exits(workdir: str, split: str, compute_dtype: str | None = None) -> CachedExits:
+  """Reads what `cache_exits` wrote, refusing a cache of another checkpoint.
+
+  Args:
+    workdir: a trained workdir.
+    split: "validation" or "test".
+    compute_dtype: also require the cache to be in this dtype (None: any).
+
+  Raises:
+    FileNotFoundError: no cache; the message says how to make it.
+    StaleExitsError: the cache is from another step than the workdir's newest
+      checkpoint (training went on after it was made), or lacks the step (an older
+      format), or is in another compute dtype than `compute_dtype`.
+  """
   path = exits_path(workdir, split)
+  rerun = f"rerun python -m experiments.evaluate --workdir={workdir}"
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing: run python -m experiments.evaluate "
-                            f"--workdir={workdir}")
+    raise FileNotFoundError(f"{path} is missing: {rerun}")
   with np.load(path) as f:
-    return CachedExits(f["logits"], f["labels"])
+    step = int(f["step"]) if "step" in f else None
+    dtype = str(f["compute_dtype"]) if "compute_dtype" in f else None
+    cached = CachedExits(f["logits"], f["labels"], step, dtype)
+  name, newest = os.path.basename(path), checkpoint.latest_step(workdir)
+  if step is None:
+    raise StaleExitsError(f"{name} records no checkpoint step (an older format)", rerun)
+  if newest is not None and step != newest:
+    raise StaleExitsError(f"{name} is from step {step} but the newest checkpoint is step "
+                          f"{newest}", rerun)
+  if compute_dtype is not None and dtype != compute_dtype:
+    raise StaleExitsError(f"{name} was computed in {dtype}, not {compute_dtype}",
+                          f"{rerun} --compute_dtype={compute_dtype}")
+  return cached

@@ -27,7 +27,8 @@ from jax.sharding import Mesh
 
 from bnet_jax import cascade, checkpoint, data, evaluate, nets, parallel, timing
 
-# Written by `benchmark.run`: {criterion: {"thresholds": [...], ...}}.
+# Written by `benchmark.run`: {"step": S, "compute_dtype": D,
+# "criteria": {criterion: {"thresholds": [...], ...}}}.
 THRESHOLDS_FILE = "thresholds.json"
 
 
@@ -36,23 +37,31 @@ def predictions_path(workdir: str, split: str) -> str:
   return os.path.join(workdir, f"predictions_{split}.npz")
 
 
-def saved_thresholds(workdir: str, criterion: str, num_exits: int) -> list[float]:
-  """The thresholds `benchmark.run` chose for `criterion`, from ``workdir/thresholds.json``.
+def saved_thresholds(workdir: str, criterion: str, num_exits: int, step: int) -> list[float]:
+  """The thresholds `benchmark.run` chose for `criterion` on checkpoint `step`, from
+  ``workdir/thresholds.json``.
 
   Raises:
-    ValueError: none saved for `criterion`; the one-line message says how to get them.
+    ValueError: none saved for `criterion`, or saved for another checkpoint step
+      (thresholds fitted to other weights); the one-line message says how to get them.
   """
   path = os.path.join(workdir, THRESHOLDS_FILE)
-  chosen = {}
+  saved = {}
   if os.path.exists(path):
     with open(path) as f:
-      chosen = json.load(f)
+      saved = json.load(f)
+  how = (f"Choose them with python -m experiments.benchmark --workdir={workdir} "
+         f"--criteria={criterion}, or pass --thresholds=T1,... ({num_exits - 1} value(s), "
+         f"one per exit but the last).")
+  chosen = saved.get("criteria", {})
   if criterion not in chosen:
-    where = f"{path} has none for {criterion}" if chosen else f"{path} does not exist"
-    raise ValueError(
-        f"No {criterion} thresholds for {workdir}: {where}. Choose them with python -m "
-        f"experiments.benchmark --workdir={workdir} --criteria={criterion}, or pass "
-        f"--thresholds=T1,... ({num_exits - 1} value(s), one per exit but the last).")
+    where = (f"{path} does not exist" if not saved else
+             f"{path} has none for {criterion}" if "criteria" in saved else
+             f"{path} is in an older format, without the checkpoint step")
+    raise ValueError(f"No {criterion} thresholds for {workdir}: {where}. {how}")
+  if saved.get("step") != step:
+    raise ValueError(f"{path} holds thresholds chosen for checkpoint step {saved.get('step')}, "
+                     f"but the checkpoint is step {step}: rerun the benchmark. {how}")
   return list(chosen[criterion]["thresholds"])
 
 
@@ -105,7 +114,7 @@ def predict_split(workdir: str, split: str = "test", *, batch_size: int = 2048,
   Raises:
     FileNotFoundError: `workdir` holds no trained model.
     ValueError: bad batch_size, repeats, split or thresholds, or no thresholds
-      saved for `criterion` (each message says what to change).
+      saved for `criterion` and this checkpoint step (each message says what to change).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be a positive number of rows; got {batch_size}.")
@@ -117,7 +126,7 @@ def predict_split(workdir: str, split: str = "test", *, batch_size: int = 2048,
                                     **model_options)
   net, variables = trained.net, trained.variables
   if thresholds is None:
-    thresholds = saved_thresholds(workdir, criterion, net.num_exits)
+    thresholds = saved_thresholds(workdir, criterion, net.num_exits, int(trained.step))
   t = cascade.check_thresholds(net, thresholds, criterion)
   available = ("train", "validation", "test") if config.num_validation else ("train", "test")
   if split not in available:

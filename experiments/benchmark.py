@@ -12,11 +12,10 @@ if __name__ == "__main__":  # Before JAX loads: restart with tcmalloc (experimen
   from experiments import preload
   preload.reexec_with_tcmalloc()
 
-import sys
+from absl import flags, logging
 
-from absl import app, flags, logging
-
-from bnet_jax import benchmark, runtime, selection, tables
+from bnet_jax import benchmark, checkpoint, criteria, runtime, selection, tables
+from experiments import errors
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained workdir (experiments.train).")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "256", "2048"], "Batch sizes to time.")
@@ -42,21 +41,43 @@ _DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],
 flags.mark_flag_as_required("workdir")
 
 
+def _check_selection_flags() -> None:
+  """The rule's parameters in the ranges `selection.choose` accepts (ValueError else)."""
+  for name in _CRITERIA.value:
+    if name not in criteria.CRITERIA:
+      raise ValueError(f"--criteria: unknown exit criterion {name!r}; use one or more of "
+                       f"{','.join(criteria.CRITERIA)}.")
+  if _RULE.value == "risk":
+    for flag, value in (("epsilon", _EPSILON.value), ("delta", _DELTA.value)):
+      if not 0 < value < 1:
+        raise ValueError(f"--{flag} must lie strictly between 0 and 1 for --rule=risk; "
+                         f"got {value}.")
+  elif _RULE.value == "accuracy_drop" and not 0 <= _EPSILON.value < 1:
+    raise ValueError(f"--epsilon must lie in [0, 1) for --rule=accuracy_drop; got "
+                     f"{_EPSILON.value}.")
+  elif _RULE.value == "budget" and not _BUDGET.value > 0:
+    raise ValueError(f"--max_cost_fraction must be positive; got {_BUDGET.value}.")
+
+
 def main(argv: list[str]) -> None:
   del argv
+  workdir = errors.check_workdir(_WORKDIR.value, write=True)
+  batch_sizes = errors.positive_ints("batch_sizes", _BATCHES.value)
+  errors.at_least("repeats", _REPEATS.value, 1)
+  errors.at_least("cores", _CORES.value, 0)
+  _check_selection_flags()
+  options = errors.key_values("model_option", _OPTIONS.value) or None
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  runtime.configure(latency=not _ASYNC.value, cores=_CORES.value)
-  options = dict(o.split("=", 1) for o in _OPTIONS.value) or None
+  runtime.configure(latency=not _ASYNC.value, cores=_CORES.value)  # Before JAX starts.
+  if options:
+    config = checkpoint.read_config(workdir)
+    errors.check_network("model_option", lambda: checkpoint.network(config, **options))
   print(benchmark.HEADER, flush=True)
-  try:
-    results = benchmark.run(_WORKDIR.value, [int(b) for b in _BATCHES.value], _CRITERIA.value,
-                            rule=_RULE.value, epsilon=_EPSILON.value, delta=_DELTA.value,
-                            max_cost_fraction=_BUDGET.value, repeats=_REPEATS.value,
-                            model_options=options, compute_dtype=_DTYPE.value)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  results = benchmark.run(workdir, batch_sizes, _CRITERIA.value,
+                          rule=_RULE.value, epsilon=_EPSILON.value, delta=_DELTA.value,
+                          max_cost_fraction=_BUDGET.value, repeats=_REPEATS.value,
+                          model_options=options, compute_dtype=_DTYPE.value)
   if results["rows"]:
     print(f"\nSummary ({results['rows'][0]['device']}, test split, ms per sample):")
     print(tables.benchmark_table(results["rows"]))
@@ -64,4 +85,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

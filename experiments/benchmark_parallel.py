@@ -27,9 +27,10 @@ import json
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from bnet_jax import cascade, checkpoint, data, evaluate, nets, parallel, runtime, timing
+from experiments import errors
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Trained workdir (default: fresh B-LeNet).")
 _DEVICES = flags.DEFINE_integer("devices", 0, "Force this many CPU devices (0: as found).")
@@ -53,7 +54,8 @@ def _model_and_images() -> tuple[nets.Network, nets.Variables, np.ndarray, dict]
     c = trained.config
     name, options, variables = c.model, c.model_options.to_dict(), trained.variables
     dataset, data_dir = c.dataset, c.data_dir or None
-  options.update(dict(o.split("=", 1) for o in _OPTIONS.value) or nets.inference_options(name))
+  options.update(errors.key_values("model_option", _OPTIONS.value)
+                 or nets.inference_options(name))
   net = nets.get(name, **options)
   if variables is None:
     variables = nets.init(net, jax.random.key(0))
@@ -111,7 +113,21 @@ def _cascade_rows(net, variables, images, mesh) -> list[dict]:
 
 def main(argv: list[str]) -> None:
   del argv
+  if _WORKDIR.value:
+    errors.check_workdir(_WORKDIR.value, write=False)
+  if _JSON.value:
+    errors.check_output(_JSON.value, "json")
+  errors.at_least("devices", _DEVICES.value, 0)
+  errors.at_least("batch_size", _BATCH.value, 1)
+  errors.positive_ints("cascade_batch_sizes", _CASCADE_BATCHES.value)
+  errors.at_least("repeats", _REPEATS.value, 1)
+  if not 0 <= _EXIT_FRACTION.value <= 1:
+    raise ValueError(f"--exit_fraction must lie in [0, 1]; got {_EXIT_FRACTION.value}.")
+  options = errors.key_values("model_option", _OPTIONS.value)
   runtime.configure()
+  if options:
+    name = checkpoint.read_config(_WORKDIR.value).model if _WORKDIR.value else "b_lenet"
+    errors.check_network("model_option", lambda: nets.get(name, **options))
   if _DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _DEVICES.value)
   net, variables, images, note = _model_and_images()
@@ -129,4 +145,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

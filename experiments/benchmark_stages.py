@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags
 
 from bnet_jax import cascade, cost, nets, runtime, timing, train
+from experiments import errors
 
 _MODEL = flags.DEFINE_string("model", "b_alexnet", "Registered network name.")
 _OPTIONS = flags.DEFINE_list("options", [], "Network options as KEY=VALUE, e.g. depth=110.")
@@ -98,9 +99,22 @@ def train_images_per_s(net: nets.Network, batch_size: int, steps: int, repeats: 
 
 def main(argv: list[str]) -> None:
   del argv
+  if _JSON.value:
+    errors.check_output(_JSON.value, "json")
+  batch_sizes = errors.positive_ints("batch_sizes", _BATCHES.value)
+  errors.at_least("repeats", _REPEATS.value, 1)
+  errors.at_least("train_batch_size", _TRAIN_BATCH.value, 0)
+  errors.at_least("train_steps", _TRAIN_STEPS.value, 1)
+  errors.at_least("train_repeats", _TRAIN_REPEATS.value, 1)
+  try:
+    fractions = [float(f) for f in _FRACTIONS.value]
+  except ValueError:
+    raise ValueError(f"--exit_fractions must be numbers; got {','.join(_FRACTIONS.value)}."
+                     ) from None
+  options = parse_options(_OPTIONS.value)
   runtime.configure()
-  net = nets.get(_MODEL.value, **parse_options(_OPTIONS.value))
-  fractions = [float(f) for f in _FRACTIONS.value]
+  errors.check_network("options", lambda: nets.get(_MODEL.value, **options))
+  net = nets.get(_MODEL.value, **options)
   if len(fractions) != net.num_exits or abs(sum(fractions) - 1) > 1e-3:
     raise app.UsageError(f"--exit_fractions needs {net.num_exits} fractions summing to 1; "
                          f"got {fractions}.")
@@ -117,7 +131,7 @@ def main(argv: list[str]) -> None:
   print(f"  MFLOPs per sample, segments: {' '.join(f'{f / 1e6:.2f}' for f in flops)}; "
         f"main path {main_flops / 1e6:.2f}; FLOPs-ideal speedup "
         f"{result['ideal_speedup_flops']:.2f}x")
-  for batch_size in (int(b) for b in _BATCHES.value):
+  for batch_size in batch_sizes:
     seconds, main_s = segment_seconds(net, variables, batch_size, _REPEATS.value)
     row = {"batch_size": batch_size,
            "segment_ms_per_sample": [1e3 * s / batch_size for s in seconds],
@@ -139,4 +153,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -13,13 +13,11 @@ if __name__ == "__main__":  # Before JAX loads: restart with tcmalloc (experimen
   from experiments import preload
   preload.reexec_with_tcmalloc()
 
-import sys
-
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
 from bnet_jax import evaluate, parallel, runtime, tables
-from experiments import distributed
+from experiments import distributed, errors
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A directory written by experiments.train.")
 _BATCH = flags.DEFINE_integer("batch_size", 1000,
@@ -32,16 +30,14 @@ flags.mark_flag_as_required("workdir")
 
 def main(argv: list[str]) -> None:
   del argv
+  errors.check_workdir(_WORKDIR.value, write=True)
+  errors.at_least("batch_size", _BATCH.value, 1)
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   runtime.configure()
   distributed.initialize()
-  try:
-    paths = evaluate.cache_exits(_WORKDIR.value, batch_size=_BATCH.value,
-                                 mesh=parallel.make_mesh(), compute_dtype=_DTYPE.value)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  paths = evaluate.cache_exits(_WORKDIR.value, batch_size=_BATCH.value,
+                               mesh=parallel.make_mesh(), compute_dtype=_DTYPE.value)
   if jax.process_index() != 0:  # Process 0 wrote the files.
     return
   results = {}
@@ -54,4 +50,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

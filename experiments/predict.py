@@ -15,13 +15,11 @@ if __name__ == "__main__":  # Before JAX loads: restart with tcmalloc (experimen
   from experiments import preload
   preload.reexec_with_tcmalloc()
 
-import sys
-
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
 from bnet_jax import criteria, parallel, predict, runtime, tables
-from experiments import distributed
+from experiments import distributed, errors
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained workdir (experiments.train).")
 _SPLIT = flags.DEFINE_string("split", "test", "test, validation or train.")
@@ -61,18 +59,18 @@ def _thresholds() -> list[float] | None:
 
 def main(argv: list[str]) -> None:
   del argv
+  errors.check_workdir(_WORKDIR.value, write=True)
+  errors.at_least("batch_size", _BATCH.value, 1)
+  errors.at_least("repeats", _REPEATS.value, 1)
+  thresholds = _thresholds()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   runtime.configure()
   distributed.initialize()
-  try:
-    result = predict.predict_split(_WORKDIR.value, _SPLIT.value, batch_size=_BATCH.value,
-                                   criterion=_CRITERION.value, thresholds=_thresholds(),
-                                   mesh=parallel.make_mesh(), repeats=_REPEATS.value,
-                                   compute_dtype=_DTYPE.value)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  result = predict.predict_split(_WORKDIR.value, _SPLIT.value, batch_size=_BATCH.value,
+                                 criterion=_CRITERION.value, thresholds=thresholds,
+                                 mesh=parallel.make_mesh(), repeats=_REPEATS.value,
+                                 compute_dtype=_DTYPE.value)
   if jax.process_index() != 0:  # Process 0 wrote the file.
     return
   device = jax.devices()[0]
@@ -86,4 +84,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

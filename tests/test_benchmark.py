@@ -55,7 +55,11 @@ def test_benchmark_writes_rows_thresholds_and_plot(trained, rule):
     assert sum(row["exit_fractions"]) == pytest.approx(1.0)
     assert row["speedup"] > 0 and row["baseline"]["ms_per_sample"] > 0
   with open(os.path.join(trained, "thresholds.json")) as f:
-    chosen = json.load(f)
+    saved = json.load(f)
+  assert saved["step"] == results["step"] == rows[0]["step"] == evaluate.load_exits(
+      trained, "test").step
+  assert saved["compute_dtype"] == results["compute_dtype"] == "float32"
+  chosen = saved["criteria"]
   for row in rows:
     seg = chosen[row["criterion"]]["segment_flops"]
     expected = row["branchy"]["expected_flops_per_sample"]

@@ -42,7 +42,8 @@ def workdir(mnist_data_dir, tmp_path_factory) -> str:
   scores = np.asarray(cascade._all_exits(net, "entropy", variables, jnp.asarray(images))[1])
   t = random_thresholds(scores, np.random.default_rng(0))
   with open(os.path.join(w, predict.THRESHOLDS_FILE), "w") as f:
-    json.dump({"entropy": {"thresholds": t, "rule": "test"}}, f)
+    json.dump({"step": 30, "compute_dtype": "float32",
+               "criteria": {"entropy": {"thresholds": t, "rule": "test"}}}, f)
   return w
 
 
@@ -96,7 +97,7 @@ def _run(*args: str, devices: int = 1, wait: bool = True):
 def test_predictions_equal_the_all_exits_reference(workdir, one_device):
   result, saved = one_device
   with open(os.path.join(workdir, predict.THRESHOLDS_FILE)) as f:
-    t = json.load(f)["entropy"]["thresholds"]
+    t = json.load(f)["criteria"]["entropy"]["thresholds"]
   net, variables, images = _model_and_images(workdir)
   assert result["path"] == os.path.join(workdir, f"predictions_{SPLIT}.npz")
   assert saved["label"].shape == saved["exit"].shape == saved["score"].shape == (ROWS,)
@@ -144,7 +145,7 @@ def test_command_line_errors_are_one_line(workdir, tmp_path):
       ("--thresholds=0.1,0.2",): "needs 1 threshold(s)",
       ("--thresholds=low",): "--thresholds must be numbers",
       ("--split=dev",): "Unknown split 'dev'",
-      ("--batch_size=0",): "batch_size must be a positive number of rows",
+      ("--batch_size=0",): "--batch_size must be at least 1",
   }
   procs = {args: _run(f"--workdir={workdir}", *args, wait=False) for args in cases}
   procs[()] = _run(f"--workdir={tmp_path}", wait=False)
