@@ -4,7 +4,7 @@ An exit *segment* k is the trunk stages since exit k-1 (stages without a head be
 to the next exit's segment), exit k's head and the criterion score (`segment_fn`).
 A sample leaves exit k < E-1 when ``criteria.exits(criterion, score, T_k)`` holds;
 everyone still running leaves at the last exit. `reference` gives the same decisions
-from the all-exits pass; the cascade must equal it (see DESIGN.md on rounding).
+from the all-exits pass; the cascade must equal it (docs/design.md: the tie band).
 
 Batched path (B > 1). XLA compiles one program per shape, so batches are padded to
 a fixed set of *buckets* (powers of two by default) and every program is compiled
@@ -60,7 +60,7 @@ On a mesh (``mesh=``, see `parallel`) every program is compiled with shardings: 
 stage's bucket-sized batch is split over the mesh's data axis (buckets are multiples
 of the device count), variables are replicated, and the record and order come back
 replicated, so the host logic above is unchanged; XLA gathers the rows a prefix
-program selects across devices. Decisions equal one device's (DESIGN.md on rounding).
+program selects across devices. Decisions equal one device's (docs/design.md: the tie band).
 
 Input policy (`reference` and `Cascade.predict` alike, so `predict.predict_split` and
 ``experiments.predict``). Images must be a (B, H, W, C) float batch of the network's

@@ -1,6 +1,6 @@
 """Early-exit cascade: equal to the all-exits reference, bounded compilation, validation.
 
-DESIGN.md: XLA may round differently at different batch sizes, so a sample whose score
+docs/design.md (the tie band): XLA may round differently at different batch sizes, so a sample whose score
 at some exit lies within `BAND` of that exit's threshold may legitimately change exit.
 Comparisons are exact outside that band; samples inside it are counted and must be few.
 Thresholds sit midway across wide gaps between reference scores, so few samples are near.

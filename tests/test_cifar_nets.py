@@ -1,6 +1,6 @@
-"""B-AlexNet and B-ResNet against PAPER.md's layer sizes, and training them on CIFAR-shaped data.
+"""B-AlexNet and B-ResNet against the layer sizes of docs/method.md, and training them on CIFAR-shaped data.
 
-Parameter counts are computed here by hand from the layer sizes PAPER.md gives (conv
+Parameter counts are computed here by hand from the layer sizes docs/method.md gives (conv
 k x k C_in -> C_out with bias, BatchNorm scale + offset, FC with bias); shapes come
 from `jax.eval_shape`, so even ResNet-110 is counted without computing anything.
 Training tests use ResNet-8 (n = 1), the smallest 6n+2 depth, to stay fast.
@@ -36,7 +36,7 @@ def block(cin, cout):
   return conv(3, cin, cout) + bn(cout) + conv(3, cout, cout) + bn(cout)
 
 
-# PAPER.md, code placement: exits after conv2 and conv3. FC inputs: exit 1 4x4x32,
+# docs/method.md, code placement: exits after conv2 and conv3. FC inputs: exit 1 4x4x32,
 # exit 2 2x2x32, trunk 4x4x64.
 ALEXNET_CODE = {
     "trunk_0": conv(5, 3, 32) + conv(5, 32, 64),
@@ -252,7 +252,7 @@ def test_cascade_equals_all_exits_reference():
   want = cascade.reference(net, variables, x, thresholds)
   assert set(want.exit.tolist()) == {0, 1, 2}  # Every exit takes some samples.
   got = cascade.Cascade(net, variables, thresholds, buckets=[64]).predict(x)
-  # DESIGN.md: rounding may differ between programs; only samples this close may move.
+  # docs/design.md: rounding may differ between programs; only samples this close may move.
   near = np.any(np.abs(entropy[:2].T - np.asarray(thresholds)) < 1e-4, axis=1)
   same = (got.exit == want.exit) & (got.label == want.label)
   assert np.all(same | near) and np.sum(near) <= 2

@@ -22,7 +22,7 @@ def test_blenet_flops_are_xlas_and_consistent(blenet):
   net, variables = blenet
   seg = cost.segment_flops(net, variables)
   full = cost.main_path_flops(net, variables)
-  # PERF_NOTES (XLA's count, a plain-JAX B-LeNet): main path 1.61 M, exit 1 path 0.40 M.
+  # docs/method.md (XLA's count): main path 1.61 M, stage 1 + exit 1 0.40 M.
   assert 1.5e6 < full < 1.8e6 and 0.35e6 < seg[0] < 0.5e6
   # Both exits' segments contain the whole main path plus exit 1's head.
   assert sum(seg) > full

@@ -1,4 +1,4 @@
-"""The multi-exit representation and B-LeNet / LeNet against PAPER.md's layer sizes."""
+"""The multi-exit representation and B-LeNet / LeNet against the layer sizes of docs/method.md."""
 
 import math
 
@@ -9,7 +9,7 @@ import pytest
 
 from bnet_jax import nets
 
-# PAPER.md: conv 1->5 5x5; exit 1: conv 5->10 3x3, FC 640->10; trunk: conv 5->10 5x5,
+# docs/method.md: conv 1->5 5x5; exit 1: conv 5->10 3x3, FC 640->10; trunk: conv 5->10 5x5,
 # conv 10->20 5x5, FC 720->84; main exit FC 84->10.
 EXPECTED_SHAPES = {
     "trunk_0": {"Conv_0": {"kernel": (5, 5, 1, 5), "bias": (5,)}},

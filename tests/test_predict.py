@@ -5,7 +5,7 @@ The workdir is B-LeNet after 30 training steps on real MNIST (a subprocess reads
 the data from the workdir's config, which mock data could not reach), predicted on its
 1,000-row validation split. As in test_cascade.py, a sample whose score at an exit it
 reached lies within BAND of that exit's threshold may change exit between programs
-that round differently (DESIGN.md); those are counted, and everything else must match.
+that round differently (docs/design.md); those are counted, and everything else must match.
 """
 
 import json
