@@ -169,11 +169,11 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
   provenance = {"step": step, "compute_dtype": dtype}
   path = os.path.join(workdir, "thresholds.json")
   earlier = _same_provenance(path, provenance)
-  _write_json(path, {**provenance, "criteria": {**earlier.get("criteria", {}), **chosen}})
+  checkpoint.write_json(path, {**provenance, "criteria": {**earlier.get("criteria", {}), **chosen}})
   path = os.path.join(workdir, "benchmark.json")
   results = {**provenance,
              "rows": _merge_rows(_same_provenance(path, provenance).get("rows", []), rows)}
-  _write_json(path, results)
+  checkpoint.write_json(path, results)
   first = criteria_names[0]
   grid = selection.candidates(val, first, "accuracy_drop", 200)
   plots.accuracy_vs_cost(
@@ -224,11 +224,6 @@ def _merge_rows(earlier: list[dict], rows: list[dict]) -> list[dict]:
 def _predict_all(model: cascade.Cascade, images: np.ndarray, batch_size: int) -> cascade.Prediction:
   parts = [model.predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
   return cascade.Prediction(*(np.concatenate(p) for p in zip(*parts)))
-
-
-def _write_json(path: str, obj) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)
 
 
 HEADER = (f"{'device':<12} {'network':<10} {'batch':>5} {'criterion':<9} {'acc %':>6} "

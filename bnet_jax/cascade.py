@@ -256,9 +256,27 @@ def check_pixels(images: np.ndarray, pixel_limit: float | None = PIXEL_LIMIT) ->
                       pixel_limit)
 
 
-def _pending_pixel_check(x: jax.Array, pixel_limit: float | None) -> jax.Array:
-  """Dispatches `_pixel_report` on the devices holding `x`; read it with `_raise_for_pixels`."""
-  return _pixel_report_program(x, np.float32(_limit(pixel_limit)))
+def _checked_images(images: Any, pixel_limit: float | None
+                    ) -> tuple[np.ndarray | jax.Array, jax.Array | None]:
+  """Images under the input policy, as the programs take them, and the check's result.
+
+  A host batch becomes float32 and is checked here (`check_pixels`): the check is
+  None. A `jax.Array` stays as it is, and `_pixel_report` is dispatched on the devices
+  holding it (None for an empty batch); `_read_pixel_check` raises on it.
+  """
+  if isinstance(images, jax.Array):
+    pending = (_pixel_report_program(images, np.float32(_limit(pixel_limit)))
+               if images.shape[0] else None)
+    return images, pending
+  x = np.asarray(images, np.float32)
+  check_pixels(x, pixel_limit)
+  return x, None
+
+
+def _read_pixel_check(pending: jax.Array | None, total: int, limit: float | None) -> None:
+  """Reads a device batch's `_pixel_report` (if any) and raises as `check_pixels` does."""
+  if pending is not None:
+    _raise_for_pixels(parallel.fetch(pending), total, limit)
 
 
 def reference(net: nets.Network, variables: nets.Variables, images: Any,
@@ -279,13 +297,8 @@ def reference(net: nets.Network, variables: nets.Variables, images: Any,
   """
   nets.check_images(net, images)
   t = check_thresholds(net, thresholds, criterion)
-  if isinstance(images, jax.Array):
-    if images.shape[0]:
-      _raise_for_pixels(parallel.fetch(_pending_pixel_check(images, pixel_limit)),
-                        images.shape[0], pixel_limit)
-  else:
-    images = np.asarray(images, np.float32)
-    check_pixels(images, pixel_limit)
+  images, pending = _checked_images(images, pixel_limit)
+  _read_pixel_check(pending, images.shape[0], pixel_limit)
   if images.shape[0] == 0:
     return _empty_prediction()
   logits, scores = jax.device_get(
@@ -454,19 +467,12 @@ class Cascade:
     nets.check_images(self.net, images)
     t = (self.thresholds if thresholds is None
          else check_thresholds(self.net, thresholds, self.criterion))
-    pending = None
-    if isinstance(images, jax.Array):
-      x = images
-      if x.shape[0]:
-        pending = _pending_pixel_check(x, self.pixel_limit)
-    else:
-      x = np.asarray(images, np.float32)
-      check_pixels(x, self.pixel_limit)
+    x, pending = _checked_images(images, self.pixel_limit)
     if x.shape[0] == 0:
       return _empty_prediction()
     if x.shape[0] == 1 and self.latency_mode != "batched":
       if isinstance(x, jax.Array):
-        _raise_for_pixels(parallel.fetch(pending), 1, self.pixel_limit)
+        _read_pixel_check(pending, 1, self.pixel_limit)
         x = x.astype(jnp.float32)  # The programs take float32; cast where the image is.
       progs = self._one_programs()
       out = _run_one(progs, x, t, np.asarray(progs[0](x, t)), self.net.num_exits - 1)
@@ -660,9 +666,8 @@ class Cascade:
     for k in range(self.net.num_exits):
       # Dispatch every chunk before reading any result, so reads overlap compute.
       outs = [self._stage_program(k, g.b)(g.h, g.pos, np.int32(g.n), t) for g in groups]
-      if pending is not None:  # The devices computed it before the first stage.
-        _raise_for_pixels(parallel.fetch(pending), x.shape[0], self.pixel_limit)
-        pending = None
+      _read_pixel_check(pending, x.shape[0], self.pixel_limit)  # Computed before stage 0.
+      pending = None
       survivors = []
       for g, out in zip(groups, outs):
         h, order, record = (None, None, out) if k == last else out

@@ -235,7 +235,11 @@ def environment() -> dict:
           "device_count": len(devices), "process_count": jax.process_count()}
 
 
-def _write_json(path: str, value: Any) -> None:
+def _utc_now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(path: str, value: Any) -> None:
   """Writes `value` to `path` atomically (a reader never sees half a file)."""
   with open(path + ".tmp", "w") as f:
     json.dump(value, f, indent=2)
@@ -261,11 +265,10 @@ def record_config_change(workdir: str, step: int, changes: dict[str, tuple[Any, 
   Returns:
     The entry.
   """
-  entry = {"step": int(step),
-           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  entry = {"step": int(step), "time": _utc_now(),
            "changes": {k: list(v) for k, v in changes.items()}, "override": override}
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, CONFIG_HISTORY_FILE), config_history(workdir) + [entry])
+    write_json(os.path.join(workdir, CONFIG_HISTORY_FILE), config_history(workdir) + [entry])
   return entry
 
 
@@ -290,13 +293,12 @@ def record_run(workdir: str, start_step: int, net: nets.Network, model_options: 
   Returns:
     The entry.
   """
-  entry = {"start_step": int(start_step), "network": net.name,
-           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  entry = {"start_step": int(start_step), "network": net.name, "time": _utc_now(),
            "model_options": dict(model_options), "compute_dtype": compute_dtype,
            "data_dir": data_dir, "xla_compiler_options": runtime.compiler_options(),
            **environment()}
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, RUNS_FILE), {"runs": runs(workdir) + [entry]})
+    write_json(os.path.join(workdir, RUNS_FILE), {"runs": runs(workdir) + [entry]})
   return entry
 
 

@@ -96,6 +96,12 @@ def _saved_config(workdir: str) -> dict | None:
     return json.load(f)
 
 
+def _needing_override(changes: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
+  """The changes that only ``allow_config_change`` admits: training-defining fields
+  other than the epochs (which may grow, `check_epoch_change`)."""
+  return {k: v for k, v in changes.items() if is_training_field(k) and k not in _EPOCH_FIELDS}
+
+
 def check_config_change(old: dict, config: ml_collections.ConfigDict, step: int
                         ) -> dict[str, tuple[Any, Any]]:
   """The changes from checkpoint `step`'s config.json fields `old` to `config`.
@@ -105,8 +111,7 @@ def check_config_change(old: dict, config: ml_collections.ConfigDict, step: int
       ``config.allow_config_change`` is False; the message lists each (old -> new).
   """
   changes = config_changes(old, _config_fields(config))
-  refused = {k: v for k, v in changes.items()
-             if is_training_field(k) and k not in _EPOCH_FIELDS}
+  refused = _needing_override(changes)
   if refused and not config.allow_config_change:
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
     raise ConfigChangeError(
@@ -356,8 +361,7 @@ def _fresh_state(phase: Phase, tx: optax.GradientTransformation, variables: nets
 def _write_config(workdir: str, fields: dict) -> None:
   """Writes `fields` to config.json (process 0)."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(fields, f, indent=2)
+    checkpoint.write_json(os.path.join(workdir, "config.json"), fields)
 
 
 def _report(line: str) -> None:
@@ -433,8 +437,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _write_config(workdir, _config_fields(config) if old is None else
                 _saved_fields(old, config, changes))
   if changes:
-    checkpoint.record_config_change(workdir, latest, changes, override=any(
-        is_training_field(k) and k not in _EPOCH_FIELDS for k in changes))
+    checkpoint.record_config_change(workdir, latest, changes,
+                                    override=bool(_needing_override(changes)))
   if epochs_line:
     _report(epochs_line)
   checkpoint.record_run(workdir, latest or 0, net, options, dtype, data_dir)
@@ -487,8 +491,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                               config.eval_batch_size, mesh=mesh)
       _report(f"{name} accuracy per exit: {_fmt(results[name]['accuracy_per_exit'])}")
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    checkpoint.write_json(os.path.join(workdir, "eval.json"), results)
   return results
 
 
