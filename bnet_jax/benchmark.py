@@ -25,6 +25,7 @@ import numpy as np
 
 from bnet_jax import (cascade, checkpoint, cost, criteria, data, evaluate, nets, plots, runtime,
                       selection, timing)
+from bnet_jax.criteria import Criterion
 
 
 def main_path_predictor(net: nets.Network, variables: nets.Variables
@@ -45,7 +46,8 @@ def _device() -> str:
   return f"{d.platform}:{d.device_kind}"
 
 
-def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] = ("entropy",),
+def run(workdir: str, batch_sizes: Sequence[int],
+        criteria_names: Sequence[Criterion | str] = ("entropy",),
         *, rule: str = "accuracy_drop", epsilon: float = 0.001, delta: float = 0.1,
         max_cost_fraction: float = 0.5, repeats: int = 7, max_samples: int = 10_000,
         batch1_samples: int = 2000, model_options: dict | None = None,
@@ -64,7 +66,8 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
       remade (saying so in one printed line) if they are from another checkpoint
       step or compute dtype.
     batch_sizes: batch sizes to time.
-    criteria_names: exit criteria to benchmark.
+    criteria_names: exit criteria to benchmark (`criteria.Criterion`s or registered
+      names); files and rows record each by its name.
     rule, epsilon, delta, max_cost_fraction: the threshold selection rule
       (`selection.choose`).
     repeats: timed passes per variant.
@@ -87,8 +90,7 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
     raise ValueError(f"batch_sizes must be positive integers; got {list(batch_sizes)}.")
   if repeats < 1:
     raise ValueError(f"repeats must be at least 1; got {repeats}.")
-  for name in criteria_names:
-    criteria.get(name)
+  chosen_criteria = [criteria.get(c) for c in criteria_names]
   # FLOPs are counted on the layers the network trained with; timing uses the fastest.
   config = checkpoint.read_config(workdir)
   dtype = compute_dtype or checkpoint.trained_compute_dtype(workdir, config)
@@ -110,12 +112,12 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
   baselines = {b: main_path_predictor(net_for(b), variables) for b in batch_sizes}
   base_accuracy = float(np.mean(main_path_predictor(net, variables)(images) == labels))
   chosen, rows, points = {}, [], []
-  for criterion in criteria_names:
+  for criterion in chosen_criteria:
     seg = cost.segment_flops(net, variables, criterion)
     choice = selection.choose(val, test, criterion, seg, rule=rule, epsilon=epsilon, delta=delta,
                               max_cost_fraction=max_cost_fraction)
     choice["segment_flops"] = seg
-    chosen[criterion] = choice
+    chosen[criterion.name] = choice
     model = cascade.Cascade(net, variables, choice["thresholds"], criterion=criterion,
                             bucket_net=net_for)
     for b in batch_sizes:
@@ -138,7 +140,7 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
       row = {
           "network": net.name, "dataset": config.dataset, "split": "test", "device": _device(),
           "backend": jax.default_backend(), "step": step, "compute_dtype": dtype,
-          "batch_size": b, "criterion": criterion, "thresholds": choice["thresholds"],
+          "batch_size": b, "criterion": criterion.name, "thresholds": choice["thresholds"],
           "exit_fractions": [float(f) for f in fractions],
           "baseline": {"accuracy": base_accuracy, "ms_per_sample": 1e3 * seconds["baseline"] / n,
                        "flops_per_sample": full_flops},
@@ -159,10 +161,10 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
       }
       rows.append(row)
       print(format_row(row), flush=True)
-    points += [{"label": f"{criterion}: chosen (validation)", "marker": "o",
+    points += [{"label": f"{criterion.name}: chosen (validation)", "marker": "o",
                 "cost": choice["validation"]["expected_flops"],
                 "accuracy": choice["validation"]["accuracy"]},
-               {"label": f"{criterion}: cascade measured (test)", "marker": "*",
+               {"label": f"{criterion.name}: cascade measured (test)", "marker": "*",
                 "cost": rows[-1]["branchy"]["expected_flops_per_sample"],
                 "accuracy": rows[-1]["branchy"]["accuracy"]}]
 
@@ -174,13 +176,13 @@ def run(workdir: str, batch_sizes: Sequence[int], criteria_names: Sequence[str] 
   results = {**provenance,
              "rows": _merge_rows(_same_provenance(path, provenance).get("rows", []), rows)}
   checkpoint.write_json(path, results)
-  first = criteria_names[0]
+  first = chosen_criteria[0]
   grid = selection.candidates(val, first, "accuracy_drop", 200)
   plots.accuracy_vs_cost(
-      selection.screen(val, first, chosen[first]["segment_flops"], grid),
-      full_flops, chosen[first]["validation"]["last_exit_accuracy"], points,
+      selection.screen(val, first, chosen[first.name]["segment_flops"], grid),
+      full_flops, chosen[first.name]["validation"]["last_exit_accuracy"], points,
       os.path.join(workdir, "accuracy_vs_cost.png"),
-      title=f"{net.name} on {config.dataset}: accuracy vs cost ({first} thresholds)")
+      title=f"{net.name} on {config.dataset}: accuracy vs cost ({first.name} thresholds)")
   return results
 
 

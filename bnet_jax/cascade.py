@@ -2,7 +2,7 @@
 
 An exit *segment* k is the trunk stages since exit k-1 (stages without a head belong
 to the next exit's segment), exit k's head and the criterion score (`segment_fn`).
-A sample leaves exit k < E-1 when ``criteria.exits(criterion, score, T_k)`` holds;
+A sample leaves exit k < E-1 when ``criterion.exits(score, T_k)`` holds;
 everyone still running leaves at the last exit. `reference` gives the same decisions
 from the all-exits pass; the cascade must equal it (docs/design.md: the tie band).
 
@@ -16,8 +16,8 @@ of programs and makes recompilation impossible once warmed up (`warmup`). Per se
    "does not continue" (continuing rows first, in input order; padding rows never
    continue) and a (4, bucket) int32 *record*: each row's original position, label,
    score bits and whether it left here (padding rows never leave).
-2. The record is the one array read on the host per stage run (each transfer costs
-   20-40 us, so label, score and flags travel together): the rows that left are
+2. The record is the one array read on the host per stage run (each transfer has a
+   fixed cost, so label, score and flags travel together): the rows that left are
    scattered into the results in input order, and the count c of continuing rows
    chooses the next bucket. A tiny *prefix program* gathers the first bucket(c) rows
    of the order (activations and positions) on device; rows past c are padding for
@@ -27,11 +27,9 @@ of programs and makes recompilation impossible once warmed up (`warmup`). Per se
 Large batches run in chunks of `chunk_size` rows, 2048 by default, which bounds the
 top bucket (so the programs to compile and the padding of an odd-sized batch). Fewer,
 larger chunks are faster while activations fit the cache: the few samples that
-continue then form one larger, more efficient batch for the later segments. With
-B-LeNet's pooled-conv layers (`nets.inference_options`) a 2048 batch ran at 25-30 us
-per sample unchunked against 34-37 us in chunks of 256 (2 shared CPU cores,
-2026-11-24). Chunks advance together, segment by segment, so the device computes one
-chunk while the host reads another's record.
+continue then form one larger, more efficient batch for the later segments. Chunks
+advance together, segment by segment, so the device computes one chunk while the
+host reads another's record.
 
 Batch-1 path. A batch of one is latency-bound: per-call dispatch, host reads and
 XLA's per-op overhead dominate. ``latency_mode="host"`` runs one *exit program* per
@@ -40,21 +38,16 @@ before segment k (no heads), runs segment k and returns label, exit (-1 when the
 sample goes on) and score in one (3, 1) array read on the host. The common case, a
 sample leaving at exit 1, is one dispatch of the cheapest program; a sample that
 goes on pays another dispatch and the recomputed trunk (B-LeNet: conv1, 12% of the
-main path's FLOPs, for 5% of samples). ``"cond"`` runs one program with nested
-`lax.cond` between segments (never vmapped: under vmap cond becomes select and runs
-every branch). ``"batched"`` sends batch 1 down the batched path.
+main path's FLOPs, for the few samples that go on). ``"cond"`` runs one program with
+nested `lax.cond` between segments (never vmapped: under vmap cond becomes select and
+runs every branch). ``"batched"`` sends batch 1 down the batched path.
 
 ``"auto"`` picks "host" when the trunk that the last exit's program recomputes is
-cheap (at most `HOST_MAX_RECOMPUTE_FLOPS` by XLA's count), else "cond". On trained
-B-LeNet (0.2 MFLOP recomputed) at batch 1 on one core (2026-11-30, 5% of samples
-going on, the benchmark's layers) "host" took 64-66 us per sample against 83-86
-for "cond" and 159-165 for "batched" in the same runs (main path 140-148): XLA's
-conditional cost about 10 us even when the branch taken only returns, more than
-the second dispatch of the few that continue, and handing the stage-1 activation
-on as a second output cost about 20 us on every sample, more than recomputing it.
-With random weights and 40% of samples going on, "cond" won where the trunk is
-costly: B-AlexNet (33 MFLOP) 0.89 against 1.31 ms, B-ResNet-110 (146 MFLOP) 5.1
-against 6.6 ms.
+cheap (at most `HOST_MAX_RECOMPUTE_FLOPS` by XLA's count), else "cond": XLA's
+conditional costs every sample time even when the branch taken only returns, and
+so would handing the stage-1 activation on as a second output, while recomputing a
+cheap trunk costs only the few samples that go on; a costly trunk (B-AlexNet,
+B-ResNet-110) tips the balance to "cond".
 
 On a mesh (``mesh=``, see `parallel`) every program is compiled with shardings: each
 stage's bucket-sized batch is split over the mesh's data axis (buckets are multiples
@@ -72,24 +65,26 @@ finite; 3 of 256 hold NaN or inf"), never a label; so is a batch with a pixel be
 pixels exceed 10 in any image that is not almost black), which names the count and
 points to `bnet_jax.data.preprocess`; ``pixel_limit=None`` keeps only the finiteness
 check (inputs on another scale). Host arrays are checked on the host before any
-program runs (min and max of the batch: 2.3 us for one 28x28 image, 18 us for 256,
-0.2% of B-LeNet's batched cascade); a `jax.Array` is checked on its devices by one
-reduction, dispatched before the first stage and read before the first record, so the
-split never travels to the host. The batch-1 hot path (a float32 (1, H, W, C) host
-array once batch 1 is compiled) adds nothing to the common case, a sample leaving at
-the first exit, where the check would cost 3-4% of its 65 us: it checks the image
-only when the first program reports no exit. A NaN image always gets there (a NaN
-score passes no threshold, and the batch-1 programs report a NaN score at the last
-exit as no exit), so it is refused on every path; an inf or unscaled image whose first
-exit is nonetheless confident is the one case that goes unchecked. Thresholds are
-required (E-1 numbers, none NaN); an empty batch gives empty arrays. `reference` and
-`predict` make the same checks in the same order (shape and dtype, thresholds, pixels)
-and raise the same messages.
+program runs (min and max of the batch, small beside the cascade itself); a
+`jax.Array` is checked on its devices by one reduction, dispatched before the first
+stage and read before the first record, so the split never travels to the host. The
+batch-1 hot path (a float32 (1, H, W, C) host array once batch 1 is compiled) adds
+nothing to the common case, a sample leaving at the first exit, where the check would
+be a visible share of the latency: it checks the image only when the first program
+reports no exit. A NaN image always gets there (a NaN score passes no threshold, and
+the batch-1 programs report a NaN score at the last exit as no exit), so it is refused
+on every path; an inf or unscaled image whose first exit is nonetheless confident is
+the one case that goes unchecked. Thresholds are required (E-1 numbers, none NaN, none
+beyond the criterion's `Criterion.never_exit`); an empty batch gives empty arrays.
+`reference` and `predict` make the same checks in the same order (shape and dtype,
+thresholds, pixels) and raise the same messages.
 
-Parameters are closed over as compile-time constants by default: passing B-LeNet's
-14-array pytree costs about 3.5 us per call. Thresholds are always a runtime argument,
-so changing them never recompiles. Modules always run in eval mode with every variable
-collection (e.g. BatchNorm's ``batch_stats``).
+Parameters are closed over as compile-time constants by default: passing the parameter
+pytree on every call adds dispatch time to each call. Thresholds are always a runtime
+argument, so changing them never recompiles. Modules always run in eval mode with
+every variable collection (e.g. BatchNorm's ``batch_stats``).
+
+The measurements behind these choices are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -107,11 +102,12 @@ from jax import lax
 from jax.sharding import Mesh
 
 from bnet_jax import criteria, nets, parallel, runtime
+from bnet_jax.criteria import Criterion
 
 LATENCY_MODES = ("auto", "host", "cond", "batched")
 DEFAULT_CHUNK_SIZE = 2048
 # "auto" runs batch 1 as "host" when its recomputed trunk is at most this many FLOPs
-# per sample (about the 10-20 us that "host" saves, at a few GFLOP/s on tiny layers).
+# per sample: recomputing that much costs less than the conditional that "host" saves.
 HOST_MAX_RECOMPUTE_FLOPS = 1e6
 # Largest pixel magnitude accepted by default: preprocessed images of every dataset in
 # `data.DATASETS` lie within [-2.0, 2.2]; raw 0-255 pixels exceed it (module docstring).
@@ -141,7 +137,7 @@ def segments(net: nets.Network) -> list[tuple[int, ...]]:
   return out
 
 
-def segment_fn(net: nets.Network, k: int, criterion: str = "entropy"
+def segment_fn(net: nets.Network, k: int, criterion: Criterion | str = "entropy"
                ) -> Callable[[nets.Variables, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]:
   """Exit segment k as a pure function ``(variables, h) -> (h_next, logits, score)``.
 
@@ -151,7 +147,7 @@ def segment_fn(net: nets.Network, k: int, criterion: str = "entropy"
   Args:
     net: the network.
     k: exit index, 0..E-1.
-    criterion: name in `criteria.CRITERIA`.
+    criterion: a `criteria.Criterion`, or a name in `criteria.CRITERIA`.
 
   Returns:
     A function of the variables (all collections) and `h` (B, ...), the activation
@@ -159,7 +155,7 @@ def segment_fn(net: nets.Network, k: int, criterion: str = "entropy"
     feeds segment k+1, logits (B, C) and score (B,). Runs in eval mode.
   """
   stages = segments(net)[k]
-  trunk, score_fn = _trunk_fn(net, stages), criteria.get(criterion)
+  trunk, score_fn = _trunk_fn(net, stages), criteria.get(criterion).score
 
   def run(variables: nets.Variables, h: jax.Array):
     h = trunk(variables, h)
@@ -185,9 +181,10 @@ def _stages_before(net: nets.Network, k: int) -> list[int]:
   return [i for s in segments(net)[:k] for i in s]
 
 
-def check_thresholds(net: nets.Network, thresholds: Any, criterion: str) -> np.ndarray:
-  """Validates E-1 exit thresholds; returns them as a (E-1,) float32 array."""
-  criteria.get(criterion)
+def check_thresholds(net: nets.Network, thresholds: Any, criterion: Criterion | str
+                     ) -> np.ndarray:
+  """Validates E-1 exit thresholds (`Criterion.check`); returns them as a (E-1,) float32 array."""
+  criterion = criteria.get(criterion)
   want = net.num_exits - 1
   need = (f"{net.name} needs a sequence of {want} float threshold(s), one per exit except "
           f"the last")
@@ -202,9 +199,7 @@ def check_thresholds(net: nets.Network, thresholds: Any, criterion: str) -> np.n
                      f"(one per exit except the last); got {t.size}.")
   if np.isnan(t).any():
     raise ValueError(f"Exit thresholds must not be NaN; got {t.tolist()}.")
-  if criteria.EXITS_BELOW[criterion] and (t < 0).any():
-    raise ValueError(f"{criterion} is never negative, so a negative threshold lets no sample "
-                     f"exit; got {t.tolist()}. Use 0 to disable an exit.")
+  criterion.check(t)
   return t.astype(np.float32)
 
 
@@ -280,7 +275,7 @@ def _read_pixel_check(pending: jax.Array | None, total: int, limit: float | None
 
 
 def reference(net: nets.Network, variables: nets.Variables, images: Any,
-              thresholds: Sequence[float], criterion: str = "entropy", *,
+              thresholds: Sequence[float], criterion: Criterion | str = "entropy", *,
               pixel_limit: float | None = PIXEL_LIMIT) -> Prediction:
   """Early-exit decisions from the all-exits pass: the ground truth for `Cascade`.
 
@@ -289,7 +284,7 @@ def reference(net: nets.Network, variables: nets.Variables, images: Any,
     images: (B, H, W, C) float images, finite and preprocessed (module docstring,
       "Input policy": the same checks and errors as `Cascade.predict`).
     thresholds: E-1 floats, exits in order (required).
-    criterion: name in `criteria.CRITERIA`.
+    criterion: a `criteria.Criterion`, or a name in `criteria.CRITERIA`.
     pixel_limit: largest pixel magnitude accepted (None: finiteness only).
 
   Returns:
@@ -297,13 +292,14 @@ def reference(net: nets.Network, variables: nets.Variables, images: Any,
   """
   nets.check_images(net, images)
   t = check_thresholds(net, thresholds, criterion)
+  criterion = criteria.get(criterion)
   images, pending = _checked_images(images, pixel_limit)
   _read_pixel_check(pending, images.shape[0], pixel_limit)
   if images.shape[0] == 0:
     return _empty_prediction()
   logits, scores = jax.device_get(
-      _all_exits(net, criterion, variables, jnp.asarray(images, jnp.float32)))
-  leave = np.asarray(criteria.exits(criterion, scores[:-1], t[:, None]))
+      logits_and_scores(net, criterion, variables, jnp.asarray(images, jnp.float32)))
+  leave = criterion.exits(scores[:-1], t[:, None])
   leave = np.concatenate([leave, np.ones_like(scores[-1:], bool)])
   exit_ = np.argmax(leave, axis=0).astype(np.int32)
   cols = np.arange(scores.shape[1])
@@ -316,18 +312,18 @@ def _empty_prediction() -> Prediction:
   return Prediction(empty, empty, np.zeros(0, np.float32))
 
 
-def _all_exits(net: nets.Network, criterion: str, variables: nets.Variables, x: jax.Array
-               ) -> tuple[jax.Array, jax.Array]:
+def logits_and_scores(net: nets.Network, criterion: Criterion | str, variables: nets.Variables,
+                      x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Logits (E, B, C) and criterion scores (E, B) of every exit in one pass."""
-  return _all_exits_program(net, criterion)(variables, x)
+  return _logits_and_scores_program(net, criteria.get(criterion))(variables, x)
 
 
 @functools.cache
-def _all_exits_program(net: nets.Network, criterion: str) -> Callable:
-  """`_all_exits` jitted for one network and criterion (built on first use)."""
+def _logits_and_scores_program(net: nets.Network, criterion: Criterion) -> Callable:
+  """`logits_and_scores` jitted for one network and criterion (built on first use)."""
   def run(variables: nets.Variables, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     logits = nets.forward(net, variables, x)[0].logits
-    return logits, criteria.get(criterion)(logits)
+    return logits, criterion.score(logits)
 
   return runtime.jit(run)
 
@@ -351,7 +347,8 @@ class Cascade:
     net: the network (any number of exits).
     variables: all its collections ("params", "batch_stats", ...); run in eval mode.
     thresholds: E-1 floats, one per exit except the last.
-    criterion: "entropy" (exit when score < T), "max_prob" or "margin" (score > T).
+    criterion: a `criteria.Criterion` or its name: "entropy" (exit when score < T),
+      "max_prob" or "margin" (score > T). Held resolved, as a `Criterion`.
     buckets: batch sizes that programs are compiled for; a batch is padded up to the
       smallest bucket that holds it. Default: powers of two.
     chunk_size: batches larger than this run in chunks of this size (None: never).
@@ -376,7 +373,7 @@ class Cascade:
   """
 
   def __init__(self, net: nets.Network, variables: nets.Variables,
-               thresholds: Sequence[float], *, criterion: str = "entropy",
+               thresholds: Sequence[float], *, criterion: Criterion | str = "entropy",
                buckets: Iterable[int] | None = None,
                chunk_size: int | None = DEFAULT_CHUNK_SIZE,
                latency_mode: str = "auto", params_as_constants: bool = True,
@@ -388,8 +385,8 @@ class Cascade:
     _limit(pixel_limit)
     self.pixel_limit = pixel_limit
     self.net = net
-    self.criterion = criterion
-    self.thresholds = check_thresholds(net, thresholds, criterion)
+    self.criterion = criteria.get(criterion)
+    self.thresholds = check_thresholds(net, thresholds, self.criterion)
     self.latency_mode = latency_mode
     self._mesh = mesh
     self._rows = self._whole = None  # Shardings of batch-sized and whole arrays (mesh only).
@@ -416,7 +413,7 @@ class Cascade:
     self.chunk_size = chunk_size
     self._variables = variables
     self._constants = params_as_constants
-    self._segments = [segment_fn(net, k, criterion) for k in range(net.num_exits)]
+    self._segments = [segment_fn(net, k, self.criterion) for k in range(net.num_exits)]
     self._bucket_net = bucket_net
     self._programs: dict[tuple, Any] = {}
     # The batch-1 hot path: its programs once compiled, input shape and thresholds
@@ -564,12 +561,12 @@ class Cascade:
     prog = self._programs.get(("stage", k, b))
     if prog is not None:  # The hot path: nothing below is cheap (specs, networks).
       return prog
-    seg, last, name = self._segment(k, b), k == self.net.num_exits - 1, self.criterion
+    seg, last, crit = self._segment(k, b), k == self.net.num_exits - 1, self.criterion
 
     def stage(variables, h, pos, n, t):
       h, logits, score = seg(variables, h)
       valid = jnp.arange(h.shape[0]) < n
-      leave = valid if last else valid & criteria.exits(name, score, t[k])
+      leave = valid if last else valid & crit.exits(score, t[k])
       record = _record(pos, logits, score, leave)
       if last:
         return record
@@ -626,12 +623,12 @@ class Cascade:
     before segment k are recomputed (no heads).
     """
     net = self._bucket_net(1) if self._bucket_net is not None else self.net
-    seg, last, name = self._segment(k, 1), k == self.net.num_exits - 1, self.criterion
+    seg, last, crit = self._segment(k, 1), k == self.net.num_exits - 1, self.criterion
     trunk = _trunk_fn(net, _stages_before(self.net, k))
 
     def run(variables, x, t):
       _, logits, score = seg(variables, trunk(variables, x))
-      leave = ~jnp.isnan(score[0]) if last else criteria.exits(name, score[0], t[k])
+      leave = ~jnp.isnan(score[0]) if last else crit.exits(score[0], t[k])
       return _one_record(logits, score, jnp.where(leave, k, -1))
 
     return self._compile(("exit", k), run, self._spec(0, 1), self._t_spec())
@@ -639,14 +636,14 @@ class Cascade:
   def _cond_program(self) -> Any:
     """(x (1, H, W, C), T (E-1,)) -> (3, 1) int32: label, exit, score bits; one program."""
     segs = [self._segment(k, 1) for k in range(self.net.num_exits)]
-    last, name = self.net.num_exits - 1, self.criterion
+    last, crit = self.net.num_exits - 1, self.criterion
 
     def run_from(variables, k, h, t):
       h, logits, score = segs[k](variables, h)
       if k == last:  # A NaN score is no exit: the host checks the image (`predict`).
         return _one_record(logits, score, jnp.where(jnp.isnan(score[0]), -1, k))
       done = _one_record(logits, score, jnp.int32(k))
-      return lax.cond(criteria.exits(name, score[0], t[k]),
+      return lax.cond(crit.exits(score[0], t[k]),
                       lambda h: done, lambda h: run_from(variables, k + 1, h, t), h)
 
     return self._compile(("cond",), lambda v, x, t: run_from(v, 0, x, t),
@@ -733,7 +730,7 @@ def _continuing_first(cont: jax.Array) -> jax.Array:
   """(b,) bool -> (b,) int32 permutation: rows where `cont` holds first, each part in order.
 
   A stable partition by prefix sums and one scatter: linear in b, where a stable
-  sort is b log b (at B-LeNet's bucket 256 both cost about the same).
+  sort is b log b.
   """
   c = cont.astype(jnp.int32)
   dest = jnp.where(cont, jnp.cumsum(c) - 1, jnp.sum(c) + jnp.cumsum(1 - c) - 1)
@@ -772,7 +769,8 @@ def _record(pos: jax.Array, logits: jax.Array, score: jax.Array, leave: jax.Arra
             ) -> jax.Array:
   """(4, b) int32 rows: position, label, score's float32 bits, left here (0/1).
 
-  One array because each device-to-host transfer costs 20-40 us at batch 1.
+  One array because each device-to-host transfer has a fixed cost, which dominates
+  at batch 1.
   """
   return jnp.stack([pos, jnp.argmax(logits, axis=-1).astype(jnp.int32),
                     lax.bitcast_convert_type(score, jnp.int32), leave.astype(jnp.int32)])

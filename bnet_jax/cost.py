@@ -20,6 +20,7 @@ import numpy as np
 
 from bnet_jax import nets
 from bnet_jax.cascade import segment_fn
+from bnet_jax.criteria import Criterion
 
 
 def compiled_flops(fn: Callable, *args) -> float:
@@ -30,9 +31,9 @@ def compiled_flops(fn: Callable, *args) -> float:
   return float(analysis["flops"])
 
 
-def segment_flops(net: nets.Network, variables: nets.Variables, criterion: str = "entropy",
-                  batch_size: int = 1) -> list[float]:
-  """Per-sample FLOPs of each exit segment, in exit order: E floats."""
+def segment_flops(net: nets.Network, variables: nets.Variables,
+                  criterion: Criterion | str = "entropy", batch_size: int = 1) -> list[float]:
+  """Per-sample FLOPs of each exit segment (its score under `criterion` included): E floats."""
   net = net.with_conv_impl("xla")
   h = jnp.zeros((batch_size, *net.input_shape), jnp.float32)
   flops = []

@@ -25,7 +25,7 @@ from bnet_jax import checkpoint, criteria, data, nets, parallel, progress, runti
 
 
 @functools.lru_cache(maxsize=None)
-def _programs(net: nets.Network, mesh: Mesh) -> tuple[Callable, Callable]:
+def programs(net: nets.Network, mesh: Mesh) -> tuple[Callable, Callable]:
   """The jitted all-exits pass and per-exit correct counts, data-parallel over `mesh`."""
   rows, replicated = parallel.data_sharding(mesh), parallel.replicated(mesh)
 
@@ -59,7 +59,7 @@ def _prepare(net: nets.Network, variables: nets.Variables, images: np.ndarray,
   starts = range(0, n, batch_size)
   if progress_desc is not None:
     starts = progress.bar(starts, desc=progress_desc, unit="batch")
-  return (_programs(net, mesh), parallel.replicate(variables, mesh),
+  return (programs(net, mesh), parallel.replicate(variables, mesh),
           parallel.data_sharding(mesh), batch_size, starts)
 
 
@@ -204,9 +204,9 @@ class CachedExits(NamedTuple):
   step: int | None = None
   compute_dtype: str | None = None
 
-  def scores(self, criterion: str) -> np.ndarray:
-    """(E, N) confidence scores under `criterion`."""
-    return np.asarray(criteria.get(criterion)(jnp.asarray(self.logits)))
+  def scores(self, criterion: criteria.Criterion | str) -> np.ndarray:
+    """(E, N) confidence scores under `criterion` (a `criteria.Criterion` or its name)."""
+    return np.asarray(criteria.get(criterion).score(jnp.asarray(self.logits)))
 
   def correct(self) -> np.ndarray:
     """(E, N) whether each exit's argmax is the label."""

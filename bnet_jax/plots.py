@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from bnet_jax import criteria, screening
 from bnet_jax.cascade import Prediction
+from bnet_jax.criteria import Criterion
 from bnet_jax.evaluate import CachedExits
 
 
@@ -61,7 +62,8 @@ def accuracy_vs_cost(result: screening.ScreenResult, full_cost: float, baseline_
   return fig
 
 
-def score_histograms(cached: CachedExits, criterion: str = "entropy", bins: int = 40) -> Figure:
+def score_histograms(cached: CachedExits, criterion: Criterion | str = "entropy",
+                     bins: int = 40) -> Figure:
   """Per exit, the histogram of the criterion score of right and of wrong predictions.
 
   The paper's argument in one picture: at an early exit the confident samples
@@ -69,12 +71,13 @@ def score_histograms(cached: CachedExits, criterion: str = "entropy", bins: int 
 
   Args:
     cached: a split's cached all-exits outputs.
-    criterion: a name in `criteria.CRITERIA`.
+    criterion: a `criteria.Criterion`, or a name in `criteria.CRITERIA`.
     bins: bins per exit, shared by its right and wrong samples.
 
   Returns:
     One panel per exit, counts on a log scale.
   """
+  criterion = criteria.get(criterion)
   scores, correct = cached.scores(criterion), cached.correct()
   num_exits = scores.shape[0]
   fig = Figure(figsize=(3.4 * num_exits, 2.9), dpi=100)
@@ -86,7 +89,7 @@ def score_histograms(cached: CachedExits, criterion: str = "entropy", bins: int 
     ax.hist(scores[k][~correct[k]], bins=edges, color="tab:red", alpha=0.6,
             label=f"wrong ({np.count_nonzero(~correct[k])})")
     ax.set_yscale("log")
-    ax.set_xlabel(criterion)
+    ax.set_xlabel(criterion.name)
     ax.set_title(f"exit {k + 1}: accuracy {100 * np.mean(correct[k]):.2f}%", fontsize=9)
     ax.legend(fontsize=7)
   axes[0].set_ylabel("samples")
@@ -160,7 +163,7 @@ def exit_examples(images: np.ndarray, labels: np.ndarray, prediction: Prediction
 
 
 def threshold_sweep(values: np.ndarray, result: screening.ScreenResult, full_cost: float,
-                    criterion: str = "entropy", exit_index: int = 0,
+                    criterion: Criterion | str = "entropy", exit_index: int = 0,
                     chosen: float | None = None) -> Figure:
   """Accuracy, exit fractions and cost as one exit's threshold moves.
 
@@ -168,8 +171,8 @@ def threshold_sweep(values: np.ndarray, result: screening.ScreenResult, full_cos
     values: (G,) the thresholds of exit `exit_index`, in the order of `result`'s rows.
     result: the screened vectors (the other exits' thresholds held fixed).
     full_cost: per-sample cost of the full network (cost is shown relative to it).
-    criterion: the criterion the thresholds apply to (axis label, log scale for
-      criteria that exit below the threshold).
+    criterion: the criterion (or its name) the thresholds apply to: axis label, and a
+      log scale for scores bounded below by 0 that exit below the threshold (entropy).
     exit_index: which exit's threshold `values` are (0-based).
     chosen: a threshold to mark, e.g. the selected one.
 
@@ -177,7 +180,9 @@ def threshold_sweep(values: np.ndarray, result: screening.ScreenResult, full_cos
     Two panels sharing the threshold axis: accuracy above; exit fractions and the
     relative cost below.
   """
-  log_scale = criteria.EXITS_BELOW[criterion]  # Entropy: the interesting range is near 0.
+  criterion = criteria.get(criterion)
+  # Entropy: the interesting range is near 0, its most confident score.
+  log_scale = criterion.exits_below and criterion.never_exit == 0.0
 
   def plottable(v):
     return np.isfinite(v) & ((v > 0) if log_scale else True)
@@ -194,7 +199,7 @@ def threshold_sweep(values: np.ndarray, result: screening.ScreenResult, full_cos
   bottom.plot(values[shown], 100 * result.expected_cost[shown] / full_cost, "k--",
               label="cost / full network")
   bottom.set_ylabel("%")
-  bottom.set_xlabel(f"{criterion} threshold of exit {exit_index + 1}")
+  bottom.set_xlabel(f"{criterion.name} threshold of exit {exit_index + 1}")
   bottom.legend(fontsize=7)
   if log_scale:
     bottom.set_xscale("log")

@@ -25,7 +25,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from bnet_jax import cascade, checkpoint, data, evaluate, nets, parallel, timing
+from bnet_jax import cascade, checkpoint, criteria, data, evaluate, nets, parallel, timing
+from bnet_jax.criteria import Criterion
 
 # Written by `benchmark.run`: {"step": S, "compute_dtype": D,
 # "criteria": {criterion: {"thresholds": [...], ...}}}.
@@ -37,32 +38,34 @@ def predictions_path(workdir: str, split: str) -> str:
   return os.path.join(workdir, f"predictions_{split}.npz")
 
 
-def saved_thresholds(workdir: str, criterion: str, num_exits: int, step: int) -> list[float]:
+def saved_thresholds(workdir: str, criterion: Criterion | str, num_exits: int,
+                     step: int) -> list[float]:
   """The thresholds `benchmark.run` chose for `criterion` on checkpoint `step`, from
-  ``workdir/thresholds.json``.
+  ``workdir/thresholds.json`` (where they are keyed by the criterion's name).
 
   Raises:
     ValueError: none saved for `criterion`, or saved for another checkpoint step
       (thresholds fitted to other weights); the one-line message says how to get them.
   """
+  name = criteria.get(criterion).name
   path = os.path.join(workdir, THRESHOLDS_FILE)
   saved = {}
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
   how = (f"Choose them with python -m experiments.benchmark --workdir={workdir} "
-         f"--criteria={criterion}, or pass --thresholds=T1,... ({num_exits - 1} value(s), "
+         f"--criteria={name}, or pass --thresholds=T1,... ({num_exits - 1} value(s), "
          f"one per exit but the last).")
   chosen = saved.get("criteria", {})
-  if criterion not in chosen:
+  if name not in chosen:
     where = (f"{path} does not exist" if not saved else
-             f"{path} has none for {criterion}" if "criteria" in saved else
+             f"{path} has none for {name}" if "criteria" in saved else
              f"{path} is in an older format, without the checkpoint step")
-    raise ValueError(f"No {criterion} thresholds for {workdir}: {where}. {how}")
+    raise ValueError(f"No {name} thresholds for {workdir}: {where}. {how}")
   if saved.get("step") != step:
     raise ValueError(f"{path} holds thresholds chosen for checkpoint step {saved.get('step')}, "
                      f"but the checkpoint is step {step}: rerun the benchmark. {how}")
-  return list(chosen[criterion]["thresholds"])
+  return list(chosen[name]["thresholds"])
 
 
 def _put_split(images: np.ndarray, mesh: Mesh | None) -> jax.Array:
@@ -78,9 +81,9 @@ def _put_split(images: np.ndarray, mesh: Mesh | None) -> jax.Array:
 
 
 def predict_split(workdir: str, split: str = "test", *, batch_size: int = 2048,
-                  criterion: str = "entropy", thresholds: Any = None, mesh: Mesh | None = None,
-                  repeats: int = 5, step: int | None = None, compute_dtype: str | None = None,
-                  **model_options: Any) -> dict:
+                  criterion: Criterion | str = "entropy", thresholds: Any = None,
+                  mesh: Mesh | None = None, repeats: int = 5, step: int | None = None,
+                  compute_dtype: str | None = None, **model_options: Any) -> dict:
   """Early-exit predictions for every example of a split, written to disk, and their speed.
 
   Args:
@@ -88,7 +91,8 @@ def predict_split(workdir: str, split: str = "test", *, batch_size: int = 2048,
     split: "test", "validation" (when the config holds one out) or "train" (the
       rest of TFDS's train split), as `data.load_splits` reads them.
     batch_size: rows per cascade chunk and per all-exits batch, over all devices.
-    criterion: exit criterion (`criteria.CRITERIA`).
+    criterion: exit criterion: a `criteria.Criterion`, or a name in `criteria.CRITERIA`;
+      the file and the result record its name.
     thresholds: E-1 floats; None: those `benchmark.run` saved for `criterion`.
     mesh: devices to split the split and every batch over (`parallel.make_mesh`);
       None: this process's first device. With several processes every process
@@ -120,6 +124,7 @@ def predict_split(workdir: str, split: str = "test", *, batch_size: int = 2048,
     raise ValueError(f"batch_size must be a positive number of rows; got {batch_size}.")
   if repeats < 1:
     raise ValueError(f"repeats must be at least 1; got {repeats}.")
+  criterion = criteria.get(criterion)
   config = checkpoint.read_config(workdir)
   dtype = compute_dtype or checkpoint.trained_compute_dtype(workdir, config)
   trained = checkpoint.load_trained(workdir, step=step, mesh=mesh, compute_dtype=dtype,
@@ -159,11 +164,11 @@ def predict_split(workdir: str, split: str = "test", *, batch_size: int = 2048,
   path = predictions_path(workdir, split)
   if jax.process_index() == 0:
     np.savez(path, label=pred.label, exit=pred.exit, score=pred.score, true_label=labels,
-             step=np.int64(trained.step), criterion=np.array(criterion), thresholds=t,
+             step=np.int64(trained.step), criterion=np.array(criterion.name), thresholds=t,
              compute_dtype=np.array(dtype))
   return {
       "split": split, "num_examples": n, "step": int(trained.step), "compute_dtype": dtype,
-      "criterion": criterion,
+      "criterion": criterion.name,
       "thresholds": [float(v) for v in t], "batch_size": batch_size,
       "devices": 1 if mesh is None else mesh.size,
       "accuracy": float(np.mean(pred.label == labels)),

@@ -3,9 +3,9 @@
 A network with N exits gives, per sample, each exit's confidence score and whether
 its prediction is right. A threshold vector t has one threshold per exit except the
 last (N-1 values); a sample leaves at the first exit n < N-1 whose criterion passes
-and otherwise at the last exit. With ``higher_is_confident=False`` (entropy) exit n
-passes when ``score < t[n]``; with ``higher_is_confident=True`` (max_prob, margin)
-when ``score > t[n]``. Both comparisons are strict, as in `bnet_jax.criteria`.
+and otherwise at the last exit. A `criteria.Criterion` (or its name) says how exit n
+passes: ``score < t[n]`` for entropy, ``score > t[n]`` for max_prob and margin; both
+comparisons are strict.
 
 `cost[n]` is the cost of running a sample up to and including exit n (cumulative),
 so a sample leaving at exit n costs `cost[n]`.
@@ -13,14 +13,15 @@ so a sample leaving at exit n costs `cost[n]`.
 Typical use: screen a grid on the validation split, pick a vector with a rule, then
 report that vector's figures on the test split::
 
-  values = grid(val_scores, 60, higher_is_confident=False)
+  values = grid(val_scores, 60, criterion="entropy")
   result = evaluate_thresholds(val_scores, val_correct, cartesian(values), cost,
-                               higher_is_confident=False)
+                               criterion="entropy")
   chosen = select_accuracy_drop(result, 0.01, last_exit_accuracy(val_correct))
   test = apply_selection(test_scores, test_correct, chosen.thresholds, cost,
-                         higher_is_confident=False)
+                         criterion="entropy")
 
-Pure numpy (and scipy for the binomial tail); no JAX.
+Computes with numpy (and scipy for the binomial tail) only: the criterion's score
+function is not called here.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import special, stats
 
-from bnet_jax import progress
+from bnet_jax import criteria, progress
+from bnet_jax.criteria import Criterion
 
 # Most (threshold rows x samples) booleans held at once; bounds the working memory of
 # `evaluate_thresholds` to a few tens of MB whatever the grid and split sizes.
-_CHUNK_ELEMENTS = 1 << 21
+CHUNK_ELEMENTS = 1 << 21
 
 # Absolute slack on the accuracy and cost limits of the selection rules, so that a
 # limit met exactly (say accuracy 0.89 against 0.90 - 0.01) is not lost to rounding.
@@ -90,7 +92,7 @@ class Selection:
   def to_dict(self) -> dict:
     """Plain Python values for `json.dump`.
 
-    Infinite thresholds (the no-early-exit vector for ``higher_is_confident=True``)
+    Infinite thresholds (e.g. the no-early-exit vector of max_prob, +inf)
     stay floats, which `json.dumps` writes as ``Infinity`` and `json.loads` reads back.
     """
     return {
@@ -129,8 +131,7 @@ def _check_split(scores: ArrayLike, correct: ArrayLike) -> tuple[np.ndarray, np.
   return scores, correct
 
 
-def _check_thresholds(thresholds: ArrayLike, n_exits: int,
-                      higher_is_confident: bool) -> np.ndarray:
+def _check_thresholds(thresholds: ArrayLike, n_exits: int, criterion: Criterion) -> np.ndarray:
   """(G, N-1) float64 threshold vectors; a single (N-1,) vector becomes G = 1."""
   thresholds = np.asarray(thresholds, dtype=np.float64)
   if thresholds.ndim == 1:
@@ -145,11 +146,7 @@ def _check_thresholds(thresholds: ArrayLike, n_exits: int,
   if np.isnan(thresholds).any():
     raise ValueError("thresholds contain NaN; every threshold must be a number (use +-inf "
                      "for 'everybody exits' or 'nobody exits').")
-  if not higher_is_confident and (thresholds < 0).any():
-    raise ValueError(
-        "negative threshold with higher_is_confident=False: entropy is never negative, so "
-        "nobody would exit. Use 0.0 for 'nobody exits', or pass higher_is_confident=True "
-        "for max_prob/margin scores.")
+  criterion.check(thresholds)
   return thresholds
 
 
@@ -184,14 +181,14 @@ def _cumsum0(mask: np.ndarray) -> np.ndarray:
 
 
 def _prefix_exits(scores: np.ndarray, correct: np.ndarray, prefixes: np.ndarray,
-                  higher_is_confident: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  criterion: Criterion) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Who leaves at each of the first m exits under p threshold prefixes.
 
   Args:
     scores: (m, S) scores of the first m exits.
     correct: (m, S) their correctness.
     prefixes: (p, m) thresholds of the first m exits.
-    higher_is_confident: the comparison direction.
+    criterion: which way the scores are compared with the thresholds.
 
   Returns:
     still: (p, S) whether each sample is still in after exit m-1;
@@ -204,7 +201,7 @@ def _prefix_exits(scores: np.ndarray, correct: np.ndarray, prefixes: np.ndarray,
   right = np.zeros(p, np.int64)
   for n in range(m):
     t = prefixes[:, n, None]
-    leave = still & (scores[n] > t if higher_is_confident else scores[n] < t)
+    leave = still & criterion.exits(scores[n], t)
     counts[:, n] = np.count_nonzero(leave, axis=1)
     right += np.count_nonzero(leave & correct[n], axis=1)
     still &= ~leave
@@ -212,7 +209,7 @@ def _prefix_exits(scores: np.ndarray, correct: np.ndarray, prefixes: np.ndarray,
 
 
 def _exit_counts(scores: np.ndarray, correct: np.ndarray, thresholds: np.ndarray,
-                 higher_is_confident: bool) -> tuple[np.ndarray, np.ndarray]:
+                 criterion: Criterion) -> tuple[np.ndarray, np.ndarray]:
   """Exact integer counts behind `evaluate_thresholds` (inputs already checked).
 
   The last thresholded exit ("pivot", N-2) is done by sorting instead of masks: with
@@ -232,7 +229,7 @@ def _exit_counts(scores: np.ndarray, correct: np.ndarray, thresholds: np.ndarray
 
   # Sorted ascending: `score < t` holds on [0, k_left), `score > t` on [k_right, S).
   t_pivot = thresholds[:, pivot]
-  split = np.searchsorted(scores[pivot], t_pivot, side="right" if higher_is_confident else "left")
+  split = np.searchsorted(scores[pivot], t_pivot, side="left" if criterion.exits_below else "right")
 
   if pivot:
     prefixes, group = np.unique(thresholds[:, :pivot], axis=0, return_inverse=True)
@@ -244,12 +241,12 @@ def _exit_counts(scores: np.ndarray, correct: np.ndarray, thresholds: np.ndarray
 
   counts = np.zeros((len(thresholds), n_exits), np.int64)
   right = np.zeros(len(thresholds), np.int64)
-  rows = max(1, _CHUNK_ELEMENTS // n_samples)
+  rows = max(1, CHUNK_ELEMENTS // n_samples)
   chunks = range(0, len(prefixes), rows)
   for g0 in progress.bar(chunks, desc="screening", unit="chunk", leave=False, min_total=2):
     g1 = min(g0 + rows, len(prefixes))
     still, prefix_counts, prefix_right = _prefix_exits(
-        scores[:pivot], correct[:pivot], prefixes[g0:g1], higher_is_confident)
+        scores[:pivot], correct[:pivot], prefixes[g0:g1], criterion)
     vecs = by_group[group_start[g0]:group_start[g1]]
     local, k = group[vecs] - g0, split[vecs]
     # For each vector: (still-in samples before the split, those after it), per statistic.
@@ -259,10 +256,10 @@ def _exit_counts(scores: np.ndarray, correct: np.ndarray, thresholds: np.ndarray
       below = cum[local, k]
       halves.append((below, cum[local, -1] - below))
     (in_lo, in_hi), (pivot_right_lo, pivot_right_hi), (last_right_lo, last_right_hi) = halves
-    if higher_is_confident:  # leave at the pivot above the split, stay to the last below
-      leave, pivot_right, stay, last_right = in_hi, pivot_right_hi, in_lo, last_right_lo
-    else:
+    if criterion.exits_below:  # leave at the pivot below the split, stay to the last above
       leave, pivot_right, stay, last_right = in_lo, pivot_right_lo, in_hi, last_right_hi
+    else:
+      leave, pivot_right, stay, last_right = in_hi, pivot_right_hi, in_lo, last_right_lo
     counts[vecs, :pivot] = prefix_counts[local]
     counts[vecs, pivot] = leave
     counts[vecs, -1] = stay
@@ -271,19 +268,19 @@ def _exit_counts(scores: np.ndarray, correct: np.ndarray, thresholds: np.ndarray
 
 
 def _figures(scores: np.ndarray, correct: np.ndarray, thresholds: np.ndarray, cost: np.ndarray,
-             higher_is_confident: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             criterion: Criterion) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(accuracy, exit_fractions, expected_cost) of checked inputs, as in `ScreenResult`."""
-  counts, right = _exit_counts(scores, correct, thresholds, higher_is_confident)
+  counts, right = _exit_counts(scores, correct, thresholds, criterion)
   n_samples = scores.shape[1]
   return right / n_samples, counts / n_samples, (counts @ cost) / n_samples
 
 
 def evaluate_thresholds(scores: ArrayLike, correct: ArrayLike, thresholds: ArrayLike,
-                        cost: ArrayLike, *, higher_is_confident: bool) -> ScreenResult:
+                        cost: ArrayLike, *, criterion: Criterion | str) -> ScreenResult:
   """Accuracy, exit fractions and expected cost of every threshold vector of a grid.
 
   Exact (integer counts), vectorised and memory-bounded: the grid is processed in
-  chunks so that no working array holds more than about `_CHUNK_ELEMENTS` entries
+  chunks so that no working array holds more than about `CHUNK_ELEMENTS` entries
   (or S, if larger). See `_exit_counts` for the method.
 
   Args:
@@ -291,22 +288,22 @@ def evaluate_thresholds(scores: ArrayLike, correct: ArrayLike, thresholds: Array
     correct: (N, S) bool, whether each exit's prediction is right.
     thresholds: (G, N-1) threshold vectors, or one (N-1,) vector (then G = 1).
     cost: (N,) cumulative cost up to and including each exit.
-    higher_is_confident: True if a sample exits when ``score > t`` (max_prob,
-      margin); False if when ``score < t`` (entropy).
+    criterion: the `criteria.Criterion` (or its name) the scores are of: which way
+      they are compared and which thresholds make sense.
 
   Returns:
     `ScreenResult` with arrays of G rows.
   """
+  criterion = criteria.get(criterion)
   scores, correct = _check_split(scores, correct)
   n_exits = scores.shape[0]
-  thresholds = _check_thresholds(thresholds, n_exits, higher_is_confident)
+  thresholds = _check_thresholds(thresholds, n_exits, criterion)
   cost = _check_cost(cost, n_exits)
-  return ScreenResult(thresholds, *_figures(scores, correct, thresholds, cost,
-                                            higher_is_confident))
+  return ScreenResult(thresholds, *_figures(scores, correct, thresholds, cost, criterion))
 
 
 def apply_selection(scores: ArrayLike, correct: ArrayLike, thresholds: ArrayLike,
-                    cost: ArrayLike, *, higher_is_confident: bool) -> dict:
+                    cost: ArrayLike, *, criterion: Criterion | str) -> dict:
   """Figures of one threshold vector on another split (typically the test split).
 
   Args:
@@ -314,7 +311,7 @@ def apply_selection(scores: ArrayLike, correct: ArrayLike, thresholds: ArrayLike
     correct: (N, S) its correctness.
     thresholds: (N-1,) the vector, e.g. `Selection.thresholds`.
     cost: (N,) cumulative cost per exit.
-    higher_is_confident: the comparison direction.
+    criterion: the criterion (or its name) the scores are of.
 
   Returns:
     ``{"accuracy": float, "expected_cost": float, "exit_fractions": [N floats]}``.
@@ -322,8 +319,7 @@ def apply_selection(scores: ArrayLike, correct: ArrayLike, thresholds: ArrayLike
   if np.ndim(thresholds) != 1:
     raise ValueError(f"apply_selection takes one threshold vector, shape (N_exits-1,); got "
                      f"shape {np.shape(thresholds)}. Use evaluate_thresholds for a grid.")
-  result = evaluate_thresholds(scores, correct, thresholds, cost,
-                               higher_is_confident=higher_is_confident)
+  result = evaluate_thresholds(scores, correct, thresholds, cost, criterion=criterion)
   return {"accuracy": float(result.accuracy[0]),
           "expected_cost": float(result.expected_cost[0]),
           "exit_fractions": [float(f) for f in result.exit_fractions[0]]}
@@ -341,24 +337,23 @@ def last_exit_accuracy(correct: ArrayLike) -> float:
 # Grids and the Pareto frontier.
 
 
-def _never_exit(n_thresholds: int, higher_is_confident: bool) -> np.ndarray:
+def _never_exit(n_thresholds: int, criterion: Criterion) -> np.ndarray:
   """(N-1,) thresholds that no score can pass on any data: nobody exits early."""
-  # Entropy is never below 0; no finite score is above +inf.
-  return np.full(n_thresholds, np.inf if higher_is_confident else 0.0)
+  return np.full(n_thresholds, criterion.never_exit)
 
 
-def grid(scores: ArrayLike, num: int = 50, *, higher_is_confident: bool) -> list[np.ndarray]:
+def grid(scores: ArrayLike, num: int = 50, *, criterion: Criterion | str) -> list[np.ndarray]:
   """Candidate thresholds for each early exit: quantiles of its scores plus the extremes.
 
   Each exit's values are `num` evenly spaced quantiles (from the minimum to the
-  maximum) of its scores, plus the data-independent extremes "nobody exits" (0 for
-  entropy, +inf otherwise) and "everybody exits" (+inf for entropy, -inf otherwise),
-  sorted and deduplicated.
+  maximum) of its scores, plus the data-independent extremes "nobody exits"
+  (`Criterion.never_exit`: 0 for entropy, +inf for max_prob) and "everybody exits"
+  (`Criterion.always_exit`), sorted and deduplicated.
 
   Args:
     scores: (N, S) scores; the last row is not used (the last exit has no threshold).
     num: quantile levels per exit, >= 2.
-    higher_is_confident: the comparison direction.
+    criterion: the criterion (or its name) the scores are of.
 
   Returns:
     N-1 one-dimensional arrays, at most num + 2 values each; combine with `cartesian`.
@@ -370,13 +365,14 @@ def grid(scores: ArrayLike, num: int = 50, *, higher_is_confident: bool) -> list
     raise ValueError("scores contain NaN; check the logits that produced them.")
   if int(num) != num or num < 2:
     raise ValueError(f"num must be an integer >= 2; got {num}.")
+  criterion = criteria.get(criterion)
   levels = np.linspace(0.0, 1.0, int(num))
-  extremes = [np.inf, -np.inf] if higher_is_confident else [0.0, np.inf]
+  extremes = [criterion.never_exit, criterion.always_exit]
+  # Rounding must not put a quantile beyond `never_exit` (a negative entropy, say).
+  clip = np.maximum if criterion.exits_below else np.minimum
   values = []
   for row in scores[:-1]:
-    quantiles = np.quantile(row, levels)
-    if not higher_is_confident:
-      quantiles = np.maximum(quantiles, 0.0)  # rounding must not produce a negative entropy
+    quantiles = clip(np.quantile(row, levels), criterion.never_exit)
     values.append(np.unique(np.concatenate([extremes, quantiles])))
   return values
 
@@ -469,12 +465,12 @@ def select_budget(result: ScreenResult, max_cost: float) -> Selection:
   return _selection(result, best, "budget", {"max_cost": max_cost})
 
 
-def _binomial_p_values(losses: np.ndarray, n: int, epsilon: float) -> np.ndarray:
+def binomial_p_values(losses: np.ndarray, n: int, epsilon: float) -> np.ndarray:
   """Exact p-values of H: E[loss] > epsilon for 0/1 losses: P(Binom(n, eps) <= losses)."""
   return stats.binom.cdf(losses, n, epsilon)
 
 
-def _hb_p_values(losses: np.ndarray, n: int, epsilon: float) -> np.ndarray:
+def hb_p_values(losses: np.ndarray, n: int, epsilon: float) -> np.ndarray:
   """Hoeffding-Bentkus p-values of H: E[loss] > epsilon (LTT paper, Prop. 3.2).
 
   ``min(exp(-n h(min(r, eps), eps)), e * P(Binom(n, eps) <= ceil(n r)))`` with r the
@@ -486,9 +482,9 @@ def _hb_p_values(losses: np.ndarray, n: int, epsilon: float) -> np.ndarray:
   return np.minimum(np.exp(-n * h), math.e * stats.binom.cdf(losses, n, epsilon))
 
 
-_P_VALUES: dict[str, Callable[[np.ndarray, int, float], np.ndarray]] = {
-    "binomial": _binomial_p_values,
-    "hb": _hb_p_values,
+P_VALUES: dict[str, Callable[[np.ndarray, int, float], np.ndarray]] = {
+    "binomial": binomial_p_values,
+    "hb": hb_p_values,
 }
 
 
@@ -498,7 +494,7 @@ def min_p_value(n_test: int, epsilon: float, method: str = "binomial") -> float:
   Both methods give ``(1 - epsilon) ** n_test`` there (Hoeffding-Bentkus: the minimum
   of that and e times it), so no candidate is certified at ``delta`` below it.
   """
-  return float(_P_VALUES[method](np.zeros(1), int(n_test), _check_open_unit("epsilon", epsilon))[0])
+  return float(P_VALUES[method](np.zeros(1), int(n_test), _check_open_unit("epsilon", epsilon))[0])
 
 
 def min_test_samples(epsilon: float, delta: float, method: str = "binomial") -> int:
@@ -526,15 +522,15 @@ def _no_loss(correct: np.ndarray) -> np.ndarray:
 
 
 def _loss_counts(scores: np.ndarray, correct: np.ndarray, thresholds: np.ndarray,
-                 higher_is_confident: bool) -> np.ndarray:
+                 criterion: Criterion) -> np.ndarray:
   """(G,) number of samples with the last exit right and the cascade wrong."""
-  _, right = _exit_counts(scores, _no_loss(correct), thresholds, higher_is_confident)
+  _, right = _exit_counts(scores, _no_loss(correct), thresholds, criterion)
   return scores.shape[1] - right
 
 
 def select_risk_controlled(scores: ArrayLike, correct: ArrayLike, thresholds: ArrayLike,
                            cost: ArrayLike, epsilon: float, delta: float, *,
-                           higher_is_confident: bool, method: str = "binomial",
+                           criterion: Criterion | str, method: str = "binomial",
                            ordering: ArrayLike | None = None, seed: int = 0) -> Selection:
   """The cheapest vector certified by Learn-then-Test to lose at most epsilon accuracy.
 
@@ -578,7 +574,7 @@ def select_risk_controlled(scores: ArrayLike, correct: ArrayLike, thresholds: Ar
     cost: (N,) cumulative cost per exit.
     epsilon: allowed accuracy drop, in (0, 1).
     delta: allowed probability of failure, in (0, 1).
-    higher_is_confident: the comparison direction.
+    criterion: the criterion (or its name) the scores are of.
     method: "binomial" or "hb".
     ordering: (K,) candidate indices to test in this order, most expensive first.
     seed: seed of the calibration split when `ordering` is None.
@@ -588,14 +584,15 @@ def select_risk_controlled(scores: ArrayLike, correct: ArrayLike, thresholds: Ar
     p-value of the returned vector, the number of candidates tested and rejected,
     and the sizes of the two halves.
   """
+  criterion = criteria.get(criterion)
   scores, correct = _check_split(scores, correct)
   n_exits, n_samples = scores.shape
-  thresholds = _check_thresholds(thresholds, n_exits, higher_is_confident)
+  thresholds = _check_thresholds(thresholds, n_exits, criterion)
   cost = _check_cost(cost, n_exits)
   epsilon = _check_open_unit("epsilon", epsilon)
   delta = _check_open_unit("delta", delta)
-  if method not in _P_VALUES:
-    raise ValueError(f"Unknown method {method!r}; known: {sorted(_P_VALUES)}.")
+  if method not in P_VALUES:
+    raise ValueError(f"Unknown method {method!r}; known: {sorted(P_VALUES)}.")
 
   if ordering is None:
     if n_samples < 2:
@@ -607,7 +604,7 @@ def select_risk_controlled(scores: ArrayLike, correct: ArrayLike, thresholds: Ar
     # Mean loss = 1 - "accuracy" under the relabelling `_no_loss`.
     screened = ScreenResult(thresholds, *_figures(scores[:, order_half],
                                                   _no_loss(correct[:, order_half]), thresholds,
-                                                  cost, higher_is_confident))
+                                                  cost, criterion))
     ordering = pareto_frontier(screened)[::-1]
     split = {"ordering": "split", "seed": int(seed), "n_order": int(len(order_half))}
   else:
@@ -620,8 +617,8 @@ def select_risk_controlled(scores: ArrayLike, correct: ArrayLike, thresholds: Ar
     split = {"ordering": "given", "n_order": 0}
 
   losses = _loss_counts(scores[:, test_half], correct[:, test_half], thresholds[ordering],
-                        higher_is_confident)
-  p_values = _P_VALUES[method](losses, len(test_half), epsilon)
+                        criterion)
+  p_values = P_VALUES[method](losses, len(test_half), epsilon)
   failures = np.flatnonzero(p_values > delta)
   num_rejected = int(failures[0]) if failures.size else len(ordering)
 
@@ -630,9 +627,8 @@ def select_risk_controlled(scores: ArrayLike, correct: ArrayLike, thresholds: Ar
     index = int(ordering[num_rejected - 1])
     chosen, p_value = thresholds[index], float(p_values[num_rejected - 1])
   else:
-    index, chosen, p_value = None, _never_exit(n_exits - 1, higher_is_confident), None
-  accuracy, fractions, expected_cost = _figures(scores, correct, chosen[None], cost,
-                                                higher_is_confident)
+    index, chosen, p_value = None, _never_exit(n_exits - 1, criterion), None
+  accuracy, fractions, expected_cost = _figures(scores, correct, chosen[None], cost, criterion)
   params = {"epsilon": epsilon, "delta": delta, "method": method, **split,
             "n_test": int(len(test_half)), "num_candidates": int(len(ordering)),
             "num_rejected": num_rejected, "p_value": p_value}

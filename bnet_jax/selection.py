@@ -15,45 +15,54 @@ then reports what the chosen vector does. Rules (see `bnet_jax.screening`):
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
 from bnet_jax import cost, criteria, screening
+from bnet_jax.criteria import Criterion
 from bnet_jax.evaluate import CachedExits
 
 RULES = ("accuracy_drop", "budget", "risk")
 
 
-def fixed_grid(criterion: str, num_classes: int, num: int) -> np.ndarray:
-  """Data-independent candidate thresholds for one exit: log-spaced near certainty."""
+def fixed_grid(criterion: Criterion | str, num_classes: int, num: int) -> np.ndarray:
+  """Data-independent candidate thresholds for one exit: log-spaced near certainty.
+
+  "Nobody exits" (`Criterion.never_exit`), then `num` values from the criterion's
+  most confident score towards its least confident one (`Criterion.span`), spaced
+  geometrically so that most lie near certainty, then "everybody exits".
+
+  Returns:
+    (num + 2,) thresholds, in the order nobody exits -> everybody exits.
+  """
+  criterion = criteria.get(criterion)
+  most, least = criterion.span(num_classes)
   near = np.geomspace(1e-6, 1.0, num)
-  if criteria.EXITS_BELOW[criterion]:  # Entropy in [0, ln C]: 0 means nobody exits.
-    return np.concatenate([[0.0], near * math.log(num_classes), [np.inf]])
-  return np.concatenate([[np.inf], 1.0 - near[:-1], [-np.inf]])
+  return np.concatenate([[criterion.never_exit], most + near * (least - most),
+                         [criterion.always_exit]])
 
 
-def screen(cached: CachedExits, criterion: str, segment_costs: Sequence[float],
+def screen(cached: CachedExits, criterion: Criterion | str, segment_costs: Sequence[float],
            thresholds: np.ndarray) -> screening.ScreenResult:
   """Accuracy, exit fractions and expected FLOPs of every row of `thresholds` (G, E-1)."""
   return screening.evaluate_thresholds(
       cached.scores(criterion), cached.correct(), thresholds, cost.cumulative(segment_costs),
-      higher_is_confident=not criteria.EXITS_BELOW[criterion])
+      criterion=criterion)
 
 
-def candidates(cached: CachedExits, criterion: str, rule: str, grid_size: int) -> np.ndarray:
+def candidates(cached: CachedExits, criterion: Criterion | str, rule: str,
+               grid_size: int) -> np.ndarray:
   """The (G, E-1) threshold vectors a rule chooses among."""
   num_exits, _, num_classes = cached.logits.shape
   if rule == "risk":
     return screening.cartesian([fixed_grid(criterion, num_classes, grid_size)] * (num_exits - 1))
-  higher = not criteria.EXITS_BELOW[criterion]
   return screening.cartesian(screening.grid(cached.scores(criterion), grid_size,
-                                            higher_is_confident=higher))
+                                            criterion=criterion))
 
 
-def choose(validation: CachedExits, test: CachedExits, criterion: str,
+def choose(validation: CachedExits, test: CachedExits, criterion: Criterion | str,
            segment_costs: Sequence[float], *, rule: str = "accuracy_drop",
            epsilon: float = 0.001, delta: float = 0.1, max_cost_fraction: float = 0.5,
            grid_size: int = 60) -> dict:
@@ -61,7 +70,7 @@ def choose(validation: CachedExits, test: CachedExits, criterion: str,
 
   Args:
     validation, test: cached all-exits outputs of the two splits.
-    criterion: a name in `criteria.CRITERIA`.
+    criterion: a `criteria.Criterion`, or a name in `criteria.CRITERIA`.
     segment_costs: (E,) per-sample FLOPs of each exit segment (`cost.segment_flops`).
     rule: one of `RULES`.
     epsilon: tolerated accuracy drop (``accuracy_drop`` and ``risk``).
@@ -71,19 +80,19 @@ def choose(validation: CachedExits, test: CachedExits, criterion: str,
     grid_size: candidate values per exit.
 
   Returns:
-    A JSON-serialisable record: criterion, rule and its parameters, the split it was
-    chosen on, the thresholds, and their validation and test figures (accuracy,
-    exit fractions, expected FLOPs per sample). Rule ``risk`` adds ``certifiable``
-    (whether a loss-free candidate would be certified with this many validation
-    samples; checked before screening, with a warning when not, since every candidate
-    then falls back to no early exit) and ``samples_needed`` (validation samples that
-    make it so: the test half of the split must hold `screening.min_test_samples`).
+    A JSON-serialisable record: criterion (its name), rule and its parameters, the
+    split it was chosen on, the thresholds, and their validation and test figures
+    (accuracy, exit fractions, expected FLOPs per sample). Rule ``risk`` adds
+    ``certifiable`` (whether a loss-free candidate would be certified with this many
+    validation samples; checked before screening, with a warning when not, since every
+    candidate then falls back to no early exit) and ``samples_needed`` (validation
+    samples that make it so: the test half of the split must hold
+    `screening.min_test_samples`).
   """
-  criteria.get(criterion)
+  criterion = criteria.get(criterion)
   if rule not in RULES:
     raise ValueError(f"Unknown selection rule {rule!r}; known: {RULES}.")
   costs = cost.cumulative(segment_costs)
-  higher = not criteria.EXITS_BELOW[criterion]
   scores, correct = validation.scores(criterion), validation.correct()
   grid = candidates(validation, criterion, rule, grid_size)
   risk = {}
@@ -99,19 +108,18 @@ def choose(validation: CachedExits, test: CachedExits, criterion: str,
           f"It needs {need} samples (or a larger epsilon or delta); the result is the "
           "no-early-exit fallback.", stacklevel=2)
     chosen = screening.select_risk_controlled(scores, correct, grid, costs, epsilon, delta,
-                                              higher_is_confident=higher)
+                                              criterion=criterion)
   else:
-    result = screening.evaluate_thresholds(scores, correct, grid, costs,
-                                           higher_is_confident=higher)
+    result = screening.evaluate_thresholds(scores, correct, grid, costs, criterion=criterion)
     if rule == "accuracy_drop":
       chosen = screening.select_accuracy_drop(result, epsilon,
                                               screening.last_exit_accuracy(correct))
     else:
       chosen = screening.select_budget(result, max_cost_fraction * costs[-1])
   on_test = screening.apply_selection(test.scores(criterion), test.correct(),
-                                      chosen.thresholds, costs, higher_is_confident=higher)
+                                      chosen.thresholds, costs, criterion=criterion)
   return {
-      "criterion": criterion,
+      "criterion": criterion.name,
       "rule": rule,
       "params": {"epsilon": epsilon, "delta": delta, "max_cost_fraction": max_cost_fraction,
                  "grid_size": grid_size, **chosen.params},

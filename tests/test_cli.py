@@ -17,8 +17,8 @@ import sys
 import numpy as np
 import pytest
 
-from bnet_jax import benchmark, cost, criteria, evaluate, predict, screening, train
-from conftest import REPO
+from bnet_jax import benchmark, cost, evaluate, predict, screening, train
+from helpers import REPO
 from experiments.configs import lenet_mnist
 
 STEPS, ROWS, BATCH = 30, 1000, 256
@@ -171,8 +171,7 @@ def test_benchmark_figures_are_the_cached_exits_at_the_saved_thresholds(workdir)
     assert row["step"] == STEPS and row["thresholds"] == choice["thresholds"]
     got = screening.apply_selection(
         test.scores(row["criterion"]), test.correct(), np.asarray(choice["thresholds"]),
-        cost.cumulative(choice["segment_flops"]),
-        higher_is_confident=not criteria.EXITS_BELOW[row["criterion"]])
+        cost.cumulative(choice["segment_flops"]), criterion=row["criterion"])
     assert float(got["accuracy"]) == pytest.approx(choice["test"]["accuracy"], abs=1e-12)
     np.testing.assert_allclose(got["exit_fractions"], choice["test"]["exit_fractions"])
     assert row["branchy"]["accuracy"] == pytest.approx(float(got["accuracy"]), abs=2 / n)

@@ -1,4 +1,4 @@
-"""Loss, entropy and exit criteria against hand-computed values; gradient checks."""
+"""Losses against hand-computed values; gradient checks (exit criteria: test_criteria.py)."""
 
 import math
 
@@ -6,34 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from jax.test_util import check_grads
 
 from bnet_jax import criteria, losses, nets, train
-from test_cascade import random_variables, tiny_network
-
-
-def test_entropy_hand_values():
-  # softmax([0, ln 3]) = [1/4, 3/4]; H = -(1/4 ln 1/4 + 3/4 ln 3/4).
-  h = criteria.entropy(jnp.array([[0.0, math.log(3.0)], [5.0, 5.0]]))
-  np.testing.assert_allclose(h, [-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)),
-                                 math.log(2.0)], rtol=1e-6)
-  assert float(criteria.entropy(jnp.array([100.0, 0.0, 0.0]))) < 1e-30 + 1e-6
-  np.testing.assert_allclose(criteria.entropy(jnp.zeros(10)), math.log(10), rtol=1e-6)
-
-
-def test_max_prob_and_margin_hand_values():
-  logits = jnp.array([0.0, math.log(2.0), math.log(5.0)])  # p = [1/8, 2/8, 5/8].
-  np.testing.assert_allclose(criteria.max_prob(logits), 5 / 8, rtol=1e-6)
-  np.testing.assert_allclose(criteria.margin(logits), 3 / 8, rtol=1e-6)
-
-
-def test_criteria_comparisons_are_strict():
-  score = jnp.array([0.1, 0.2, 0.3])
-  np.testing.assert_array_equal(criteria.exits("entropy", score, 0.2), [True, False, False])
-  np.testing.assert_array_equal(criteria.exits("max_prob", score, 0.2), [False, False, True])
-  with pytest.raises(ValueError, match="Unknown exit criterion 'ent'"):
-    criteria.get("ent")
+from helpers import random_variables, tiny_network
 
 
 def test_joint_cross_entropy_hand_values():

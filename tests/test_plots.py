@@ -4,7 +4,7 @@ import matplotlib
 import numpy as np
 import pytest
 
-from bnet_jax import cascade, plots, screening, selection
+from bnet_jax import cascade, criteria, plots, screening, selection
 from bnet_jax.evaluate import CachedExits
 
 pytestmark = pytest.mark.newest
@@ -65,3 +65,13 @@ def test_accuracy_vs_cost_and_threshold_sweep(cached, tmp_path):
   top, bottom = fig.axes
   assert len(top.lines[0].get_xdata()) == 2  # 0 and inf cannot sit on a log axis.
   assert len(bottom.get_legend().get_texts()) == 4  # Three exits and the cost.
+  assert bottom.get_xscale() == "log" and bottom.get_xlabel() == "entropy threshold of exit 1"
+
+
+def test_threshold_sweep_is_linear_for_scores_not_bounded_below_by_zero(cached):
+  values = np.array([np.inf, 0.9, 0.5, -0.2, -np.inf])  # Negative scores on a linear axis.
+  vectors = np.stack([values, np.full(5, 0.5)], axis=1)
+  result = selection.screen(cached, criteria.MAX_PROB, [1.0, 2.0, 3.0], vectors)
+  top, bottom = plots.threshold_sweep(values, result, 6.0, criteria.MAX_PROB).axes
+  assert bottom.get_xscale() == "linear" and len(top.lines[0].get_xdata()) == 3
+  assert bottom.get_xlabel() == "max_prob threshold of exit 1"

@@ -7,68 +7,68 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bnet_jax import screening
+from bnet_jax import criteria, screening
+
+# One criterion of each direction: exits below the threshold, and above it.
+DIRECTIONS = [criteria.ENTROPY, criteria.MAX_PROB]
 
 
-def _exits_brute(scores, thresholds, higher_is_confident):
+def _exits_brute(scores, thresholds, criterion):
   """Exit index of every sample under one vector, by a per-sample loop."""
   n_exits, n_samples = scores.shape
   exits = []
   for i in range(n_samples):
     exit_ = n_exits - 1
     for n in range(n_exits - 1):
-      passes = scores[n, i] > thresholds[n] if higher_is_confident else scores[n, i] < thresholds[n]
-      if passes:
+      if criterion.exits(scores[n, i], thresholds[n]):
         exit_ = n
         break
     exits.append(exit_)
   return np.array(exits)
 
 
-def _evaluate_brute(scores, correct, grid, cost, higher_is_confident):
+def _evaluate_brute(scores, correct, grid, cost, criterion):
   n_exits, n_samples = scores.shape
   accuracy, fractions, expected_cost = [], [], []
   for t in grid:
-    exits = _exits_brute(scores, t, higher_is_confident)
+    exits = _exits_brute(scores, t, criterion)
     accuracy.append(np.mean(correct[exits, np.arange(n_samples)]))
     fractions.append(np.bincount(exits, minlength=n_exits) / n_samples)
     expected_cost.append(np.mean(cost[exits]))
   return np.array(accuracy), np.array(fractions), np.array(expected_cost)
 
 
-def _random_split(rng, n_exits, n_samples, higher_is_confident):
+def _random_split(rng, n_exits, n_samples, criterion):
   """Scores on a coarse lattice, so that thresholds drawn from it tie with scores."""
   scores = rng.integers(0, 6, size=(n_exits, n_samples)) / 5.0
-  if higher_is_confident:
+  if not criterion.exits_below:
     scores -= 0.4  # negative scores too: only entropy is non-negative
   correct = rng.random((n_exits, n_samples)) < 0.7
   return scores, correct
 
 
-def _random_grid(rng, scores, n_vectors, higher_is_confident):
+def _random_grid(rng, scores, n_vectors, criterion):
   """Thresholds equal to score values (ties), off-lattice values, and the two extremes."""
   n_exits = scores.shape[0]
   values = np.concatenate([np.unique(scores), rng.uniform(scores.min(), scores.max(), 5)])
   grid = rng.choice(values, size=(n_vectors, n_exits - 1))
-  never, always = (np.inf, -np.inf) if higher_is_confident else (0.0, np.inf)
+  never, always = criterion.never_exit, criterion.always_exit
   return np.concatenate([grid, np.full((1, n_exits - 1), never), np.full((1, n_exits - 1), always)])
 
 
-@pytest.mark.parametrize("higher_is_confident", [False, True])
+@pytest.mark.parametrize("criterion", DIRECTIONS, ids=lambda c: c.name)
 @pytest.mark.parametrize("n_exits", [2, 3, 4])
 @pytest.mark.parametrize("chunk_elements", [None, 50])
-def test_evaluate_matches_brute_force(n_exits, higher_is_confident, chunk_elements, monkeypatch):
+def test_evaluate_matches_brute_force(n_exits, criterion, chunk_elements, monkeypatch):
   if chunk_elements is not None:  # force many chunks
-    monkeypatch.setattr(screening, "_CHUNK_ELEMENTS", chunk_elements)
-  rng = np.random.default_rng(100 * n_exits + higher_is_confident)
-  scores, correct = _random_split(rng, n_exits, 37, higher_is_confident)
-  grid = _random_grid(rng, scores, 80, higher_is_confident)
+    monkeypatch.setattr(screening, "CHUNK_ELEMENTS", chunk_elements)
+  rng = np.random.default_rng(100 * n_exits + criterion.higher_is_confident)
+  scores, correct = _random_split(rng, n_exits, 37, criterion)
+  grid = _random_grid(rng, scores, 80, criterion)
   cost = np.cumsum(rng.uniform(0.5, 2.0, n_exits))
 
-  result = screening.evaluate_thresholds(scores, correct, grid, cost,
-                                         higher_is_confident=higher_is_confident)
-  accuracy, fractions, expected_cost = _evaluate_brute(scores, correct, grid, cost,
-                                                       higher_is_confident)
+  result = screening.evaluate_thresholds(scores, correct, grid, cost, criterion=criterion)
+  accuracy, fractions, expected_cost = _evaluate_brute(scores, correct, grid, cost, criterion)
   np.testing.assert_array_equal(result.thresholds, grid)
   np.testing.assert_allclose(result.accuracy, accuracy, rtol=0, atol=1e-12)
   np.testing.assert_allclose(result.exit_fractions, fractions, rtol=0, atol=1e-12)
@@ -83,22 +83,22 @@ def test_strict_comparison_at_ties():
   scores = np.array([[0.5, 0.5, 0.2], [0.0, 0.0, 0.0]])
   correct = np.ones_like(scores, bool)
   cost = [1.0, 2.0]
-  below = screening.evaluate_thresholds(scores, correct, [0.5], cost, higher_is_confident=False)
-  above = screening.evaluate_thresholds(scores, correct, [0.5], cost, higher_is_confident=True)
+  below = screening.evaluate_thresholds(scores, correct, [0.5], cost, criterion="entropy")
+  above = screening.evaluate_thresholds(scores, correct, [0.5], cost, criterion="max_prob")
   np.testing.assert_allclose(below.exit_fractions[0], [1 / 3, 2 / 3])  # only 0.2 < 0.5
   np.testing.assert_allclose(above.exit_fractions[0], [0.0, 1.0])  # nothing > 0.5
 
 
-@pytest.mark.parametrize("higher_is_confident", [False, True])
-def test_grid_includes_extremes(higher_is_confident):
+@pytest.mark.parametrize("criterion", DIRECTIONS, ids=lambda c: c.name)
+def test_grid_includes_extremes(criterion):
   rng = np.random.default_rng(0)
   scores = rng.uniform(0.0, 1.0, (3, 200))
-  values = screening.grid(scores, 7, higher_is_confident=higher_is_confident)
+  values = screening.grid(scores, 7, criterion=criterion)
   assert len(values) == 2 and all(len(v) <= 9 and np.all(np.diff(v) > 0) for v in values)
   grid = screening.cartesian(values)
   assert grid.shape == (len(values[0]) * len(values[1]), 2)
   result = screening.evaluate_thresholds(scores, scores > 0.5, grid, [1, 2, 3],
-                                         higher_is_confident=higher_is_confident)
+                                         criterion=criterion)
   assert any(np.array_equal(f, [0, 0, 1]) for f in result.exit_fractions)
   assert any(np.array_equal(f, [1, 0, 0]) for f in result.exit_fractions)
 
@@ -138,9 +138,10 @@ def test_pareto_matches_brute_force(seed):
 
 def test_pareto_of_a_screened_grid():
   rng = np.random.default_rng(1)
-  scores, correct = _random_split(rng, 3, 300, False)
-  result = screening.evaluate_thresholds(scores, correct, _random_grid(rng, scores, 300, False),
-                                         [1.0, 2.0, 3.0], higher_is_confident=False)
+  scores, correct = _random_split(rng, 3, 300, criteria.ENTROPY)
+  result = screening.evaluate_thresholds(scores, correct,
+                                         _random_grid(rng, scores, 300, criteria.ENTROPY),
+                                         [1.0, 2.0, 3.0], criterion="entropy")
   assert (screening.pareto_frontier(result).tolist()
           == _pareto_brute(result.accuracy, result.expected_cost))
 
@@ -176,11 +177,11 @@ def test_rules_fail_clearly_when_nothing_is_feasible():
 
 def test_apply_selection_reports_the_other_split():
   rng = np.random.default_rng(3)
-  scores, correct = _random_split(rng, 3, 50, False)
+  scores, correct = _random_split(rng, 3, 50, criteria.ENTROPY)
   figures = screening.apply_selection(scores, correct, [0.3, 0.5], [1, 2, 3],
-                                      higher_is_confident=False)
+                                      criterion="entropy")
   accuracy, fractions, cost = _evaluate_brute(scores, correct, [[0.3, 0.5]], np.array([1, 2, 3]),
-                                              False)
+                                              criteria.ENTROPY)
   assert figures["accuracy"] == pytest.approx(accuracy[0])
   assert figures["expected_cost"] == pytest.approx(cost[0])
   assert figures["exit_fractions"] == pytest.approx(fractions[0].tolist())
@@ -211,9 +212,8 @@ def _true_loss_and_drop(scores, correct, thresholds, cost):
   """E[1(last right, cascade wrong)] and acc(last) - acc(cascade) over the population."""
   no_loss = correct | ~correct[-1]
   loss = 1 - screening.evaluate_thresholds(scores, no_loss, thresholds, cost,
-                                           higher_is_confident=False).accuracy
-  result = screening.evaluate_thresholds(scores, correct, thresholds, cost,
-                                         higher_is_confident=False)
+                                           criterion="entropy").accuracy
+  result = screening.evaluate_thresholds(scores, correct, thresholds, cost, criterion="entropy")
   return loss, screening.last_exit_accuracy(correct) - result.accuracy, result.expected_cost
 
 
@@ -231,7 +231,7 @@ def test_risk_control_keeps_its_promise(method, trials):
     draw = rng.integers(0, population.shape[1], n)  # i.i.d. from the population
     selection = screening.select_risk_controlled(
         population[:, draw], correct[:, draw], candidates, cost, epsilon, delta,
-        higher_is_confident=False, method=method, seed=int(rng.integers(2**31)))
+        criterion="entropy", method=method, seed=int(rng.integers(2**31)))
     chosen.append(selection.thresholds)
     certified.append(selection.certified)
   loss, drop, true_cost = _true_loss_and_drop(population, correct, np.array(chosen), cost)
@@ -256,11 +256,11 @@ def test_risk_control_with_given_ordering_matches_fixed_sequence_by_hand():
   ordering = np.argsort(candidates.sum(axis=1), kind="stable")
   epsilon, delta = 0.02, 0.1
   selection = screening.select_risk_controlled(scores, correct, candidates, cost, epsilon, delta,
-                                               higher_is_confident=False, ordering=ordering)
+                                               criterion="entropy", ordering=ordering)
 
   last_exit = 0
   for k, index in enumerate(ordering):
-    exits = _exits_brute(scores, candidates[index], False)
+    exits = _exits_brute(scores, candidates[index], criteria.ENTROPY)
     losses = np.sum(correct[-1] & ~correct[exits, np.arange(scores.shape[1])])
     if stats.binom.cdf(losses, scores.shape[1], epsilon) > delta:
       break
@@ -271,14 +271,14 @@ def test_risk_control_with_given_ordering_matches_fixed_sequence_by_hand():
   json.dumps(selection.to_dict())
 
 
-@pytest.mark.parametrize("higher_is_confident", [False, True])
-def test_risk_control_falls_back_to_no_early_exit(higher_is_confident):
+@pytest.mark.parametrize("criterion", DIRECTIONS, ids=lambda c: c.name)
+def test_risk_control_falls_back_to_no_early_exit(criterion):
   rng = np.random.default_rng(2)
-  scores, correct = _random_split(rng, 3, 100, higher_is_confident)
-  grid = _random_grid(rng, scores, 20, higher_is_confident)
+  scores, correct = _random_split(rng, 3, 100, criterion)
+  grid = _random_grid(rng, scores, 20, criterion)
   # With 50 test samples even a loss-free vector has p = 0.99**50 > 0.1.
   selection = screening.select_risk_controlled(scores, correct, grid, [1, 2, 3], 0.01, 0.1,
-                                               higher_is_confident=higher_is_confident)
+                                               criterion=criterion)
   assert selection.certified is False and selection.index is None
   np.testing.assert_array_equal(selection.exit_fractions, [0, 0, 1])
   assert selection.accuracy == screening.last_exit_accuracy(correct)
@@ -287,8 +287,8 @@ def test_risk_control_falls_back_to_no_early_exit(higher_is_confident):
 
 def test_hb_p_value_is_more_conservative_than_binomial():
   losses = np.arange(0, 30)
-  binomial = screening._binomial_p_values(losses, 1000, 0.02)
-  hb = screening._hb_p_values(losses, 1000, 0.02)
+  binomial = screening.binomial_p_values(losses, 1000, 0.02)
+  hb = screening.hb_p_values(losses, 1000, 0.02)
   assert np.all(hb >= binomial - 1e-15) and np.all(hb <= 1.0 + 1e-12)
 
 
@@ -306,9 +306,9 @@ def test_p_values_equal_an_independent_computation(losses, n, epsilon):
   losses = np.asarray(losses)
   binomial = [stats.binom.cdf(k, n, epsilon) for k in losses]
   hb = [_hb_by_formula(int(k), n, epsilon) for k in losses]
-  np.testing.assert_allclose(screening._binomial_p_values(losses, n, epsilon), binomial,
+  np.testing.assert_allclose(screening.binomial_p_values(losses, n, epsilon), binomial,
                              rtol=0, atol=1e-12)
-  np.testing.assert_allclose(screening._hb_p_values(losses, n, epsilon), hb, rtol=0, atol=1e-12)
+  np.testing.assert_allclose(screening.hb_p_values(losses, n, epsilon), hb, rtol=0, atol=1e-12)
   assert screening.min_p_value(n, epsilon) == pytest.approx((1 - epsilon) ** n, abs=1e-12)
   assert screening.min_p_value(n, epsilon, "hb") == pytest.approx((1 - epsilon) ** n, abs=1e-12)
 
@@ -318,7 +318,7 @@ def test_risk_control_refuses_a_p_value_just_above_delta(method):
   """Two candidates tested in a given order: A loses nothing, B loses k samples with
   delta < p(B) < 3 delta. Only A may be certified; B when delta is raised past p(B)."""
   n, epsilon, delta = 1000, 0.02, 0.1
-  p_value = lambda k: screening._P_VALUES[method](np.array([k]), n, epsilon)[0]
+  p_value = lambda k: screening.P_VALUES[method](np.array([k]), n, epsilon)[0]
   k = next(k for k in range(n) if p_value(k) > delta)
   assert delta < p_value(k) < 3 * delta
   scores = np.tile(np.linspace(0.1, 1.0, n), (2, 1))  # Entropy; exit 0 wrong on k samples.
@@ -326,10 +326,10 @@ def test_risk_control_refuses_a_p_value_just_above_delta(method):
   correct[0, :k] = False
   candidates = np.array([[0.0], [np.inf]])  # A: nobody exits early; B: everybody does.
   args = (scores, correct, candidates, [1.0, 2.0], epsilon)
-  chosen = screening.select_risk_controlled(*args, delta, higher_is_confident=False,
+  chosen = screening.select_risk_controlled(*args, delta, criterion="entropy",
                                             method=method, ordering=[0, 1])
   assert chosen.certified and chosen.index == 0 and chosen.params["num_rejected"] == 1
-  looser = screening.select_risk_controlled(*args, p_value(k) + 1e-9, higher_is_confident=False,
+  looser = screening.select_risk_controlled(*args, p_value(k) + 1e-9, criterion="entropy",
                                             method=method, ordering=[0, 1])
   assert looser.index == 1 and looser.params["p_value"] == pytest.approx(p_value(k), abs=1e-12)
 
@@ -363,20 +363,20 @@ def _split():
     ([0.5], "give 2 thresholds per vector"),
     ([[0.5, 0.5, 0.5]], "give 2 thresholds per vector"),
     ([0.5, np.nan], "NaN"),
-    ([0.5, -0.1], "entropy is never negative"),
+    ([0.5, -0.1], "entropy threshold -0.1 lets no sample exit: entropy scores are never "
+                  "below 0; use 0 for 'nobody exits'"),
     (np.zeros((0, 2)), "no vectors"),
 ])
 def test_bad_thresholds(thresholds, match):
   scores, correct = _split()
   with pytest.raises(ValueError, match=match):
-    screening.evaluate_thresholds(scores, correct, thresholds, [1, 2, 3],
-                                  higher_is_confident=False)
+    screening.evaluate_thresholds(scores, correct, thresholds, [1, 2, 3], criterion="entropy")
 
 
-def test_negative_thresholds_are_fine_when_higher_is_confident():
+def test_negative_thresholds_are_fine_for_max_prob():
   scores, correct = _split()
   screening.evaluate_thresholds(scores, correct, [-0.1, -np.inf], [1, 2, 3],
-                                higher_is_confident=True)
+                                criterion="max_prob")
 
 
 @pytest.mark.parametrize("change,match", [
@@ -389,7 +389,7 @@ def test_negative_thresholds_are_fine_when_higher_is_confident():
 def test_bad_inputs(change, match):
   scores, correct, cost = change(*_split(), np.array([1.0, 2.0, 3.0]))
   with pytest.raises(ValueError, match=match):
-    screening.evaluate_thresholds(scores, correct, [0.5, 0.5], cost, higher_is_confident=False)
+    screening.evaluate_thresholds(scores, correct, [0.5, 0.5], cost, criterion="entropy")
 
 
 @pytest.mark.parametrize("epsilon,delta", [(0.0, 0.1), (1.0, 0.1), (0.01, 0.0), (0.01, 1.5),
@@ -398,16 +398,16 @@ def test_bad_epsilon_delta(epsilon, delta):
   scores, correct = _split()
   with pytest.raises(ValueError, match="strictly between 0 and 1"):
     screening.select_risk_controlled(scores, correct, [[0.5, 0.5]], [1, 2, 3], epsilon, delta,
-                                     higher_is_confident=False)
+                                     criterion="entropy")
 
 
 def test_bad_method_and_ordering():
   scores, correct = _split()
   args = (scores, correct, [[0.5, 0.5]], [1, 2, 3], 0.1, 0.1)
   with pytest.raises(ValueError, match="Unknown method"):
-    screening.select_risk_controlled(*args, higher_is_confident=False, method="bonferroni")
+    screening.select_risk_controlled(*args, criterion="entropy", method="bonferroni")
   with pytest.raises(ValueError, match="ordering must be"):
-    screening.select_risk_controlled(*args, higher_is_confident=False, ordering=[3])
+    screening.select_risk_controlled(*args, criterion="entropy", ordering=[3])
 
 
 def test_bad_selection_parameters():
@@ -417,4 +417,4 @@ def test_bad_selection_parameters():
   with pytest.raises(ValueError, match="max_cost must be finite"):
     screening.select_budget(result, np.nan)
   with pytest.raises(ValueError, match="one threshold vector"):
-    screening.apply_selection(*_split(), [[0.5, 0.5]], [1, 2, 3], higher_is_confident=False)
+    screening.apply_selection(*_split(), [[0.5, 0.5]], [1, 2, 3], criterion="entropy")

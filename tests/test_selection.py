@@ -25,7 +25,7 @@ def brute_force(cached, criterion, thresholds, costs):
   scores = cached.scores(criterion)
   exit_idx = np.full(scores.shape[1], scores.shape[0] - 1)
   for k in reversed(range(len(thresholds))):
-    leave = np.asarray(criteria.exits(criterion, scores[k], thresholds[k]))
+    leave = criteria.get(criterion).exits(scores[k], thresholds[k])
     exit_idx = np.where(leave, k, exit_idx)
   right = cached.correct()[exit_idx, np.arange(len(exit_idx))]
   return right.mean(), np.mean(np.cumsum(costs)[exit_idx])
@@ -53,10 +53,14 @@ def test_choice_and_its_test_figures(criterion, rule):
 
 
 def test_fixed_grid_spans_nobody_to_everybody():
+  near = np.geomspace(1e-6, 1.0, 20)
   g = selection.fixed_grid("entropy", 10, 20)
-  assert g[0] == 0.0 and g[-1] == np.inf and g[-2] == pytest.approx(math.log(10))
-  p = selection.fixed_grid("max_prob", 10, 20)
-  assert p[0] == np.inf and p[-1] == -np.inf
+  np.testing.assert_array_equal(g, np.concatenate([[0.0], near * math.log(10), [np.inf]]))
+  assert g[-2] == pytest.approx(math.log(10))
+  for name in ("max_prob", "margin"):  # Near 1, down to 0 (the span's far end).
+    p = selection.fixed_grid(name, 10, 20)
+    np.testing.assert_array_equal(p, np.concatenate([[np.inf], 1.0 - near, [-np.inf]]))
+    assert p[-2] == 0.0
 
 
 def test_unknown_rule_and_criterion():
