@@ -81,7 +81,7 @@ def train_images_per_s(net: nets.Network, batch_size: int, steps: int, repeats: 
                                           weight_decay=0.0, lr_schedule="constant",
                                           optimizer="adam"))
   tx = train.make_optimizer(config, 1)
-  state = [train._fresh_state(phase, tx, nets.init(net, jax.random.key(0)), 0)]
+  state = [train.initial_state(phase, tx, nets.init(net, jax.random.key(0)), 0)]
   step = train.make_train_step(phase, tx)
   rng = np.random.default_rng(0)
   batch = {"image": rng.standard_normal((batch_size, *net.input_shape)).astype(np.float32),

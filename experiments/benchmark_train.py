@@ -1,10 +1,11 @@
 r"""Joint training throughput (images/s) of a network, layer implementations side by side.
 
   python -m experiments.benchmark_train --model=b_lenet --batch_size=512 \
-      --variants=batch_minor/xla_pad8_dotgrad,batch_minor/xla_dotgrad,xla/xla \
+      --variants=im2col_batch_last/xla_channels_pad8:dot,im2col_batch_last/xla:dot,xla/xla \
       [--json=throughput.json]
 
-A variant is CONV1_IMPL/CONV_IMPL (see bnet_jax/nets/layers.py). Each variant's
+A variant is CONV1/CONV, each IMPL or IMPL:KERNEL_GRAD (`layers.CONV_IMPLS`,
+`layers.KERNEL_GRADS`; old names such as xla_pad8_dotgrad still work). Each variant's
 jitted joint train step is compiled and warmed up, then the variants are timed in
 rotation (so drift hits all alike); each figure is the median over repeats of
 `--steps` synchronised steps. Data is random: throughput does not depend on it.
@@ -26,23 +27,34 @@ from bnet_jax import nets, runtime, timing, train
 _MODEL = flags.DEFINE_string("model", "b_lenet", "Registered network name.")
 _BATCH = flags.DEFINE_integer("batch_size", 512, "Training batch size.")
 _VARIANTS = flags.DEFINE_list(
-    "variants", ["batch_minor/xla_pad8_dotgrad", "batch_minor/xla_dotgrad", "xla/xla"],
-    "CONV1_IMPL/CONV_IMPL; the first is b_lenet's default.")
+    "variants", ["im2col_batch_last/xla_channels_pad8:dot", "im2col_batch_last/xla:dot",
+                 "xla/xla"],
+    "CONV1/CONV, each IMPL or IMPL:KERNEL_GRAD; the first is b_lenet's CPU default.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Train steps per timed repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per variant.")
 _JSON = flags.DEFINE_string("json", None, "Write the results here as JSON.")
 
 
+def variant_options(variant: str) -> dict[str, str]:
+  """"im2col_batch_last/xla:dot" -> conv1_impl, conv_impl and conv_kernel_grad options."""
+  options = {}
+  for field, part in zip(("conv1", "conv"), variant.split("/")):
+    impl, _, kernel_grad = part.partition(":")
+    options[f"{field}_impl"] = impl
+    if kernel_grad:
+      options[f"{field}_kernel_grad"] = kernel_grad
+  return options
+
+
 def _make_runner(model: str, variant: str, batch_size: int):
-  conv1, conv = variant.split("/")
-  net = nets.get(model, conv1_impl=conv1, conv_impl=conv)
+  net = nets.get(model, **variant_options(variant))
   phase = train.Phase("joint", net, (1.0,) * net.num_exits, 0, 1)
   config = ml_collections.ConfigDict(dict(optimizer="adam", learning_rate=1e-3, beta1=0.9,
                                           beta2=0.999, momentum=0.9, weight_decay=0.0,
                                           lr_schedule="constant"))
   tx = train.make_optimizer(config, 1)
   variables = nets.init(net, jax.random.key(0))
-  state = [train._fresh_state(phase, tx, variables, 0)]
+  state = [train.initial_state(phase, tx, variables, 0)]
   step = train.make_train_step(phase, tx)
   rng = np.random.default_rng(0)
   batch = {"image": rng.random((batch_size, *net.input_shape), np.float32),

@@ -166,7 +166,7 @@ def _trained(name, depth=None, steps=3, batch=32):
   net = nets.get(name, **({} if depth is None else {"depth": depth}))
   phase = train.Phase("p", net, (1.0,) * net.num_exits, 0, steps)
   tx = _adam()
-  state = train._fresh_state(phase, tx, nets.init(net, jax.random.key(0)), 0)
+  state = train.initial_state(phase, tx, nets.init(net, jax.random.key(0)), 0)
   step = train.make_train_step(phase, tx)
   x, y = _random_examples(batch)
   for _ in range(steps):
@@ -190,7 +190,7 @@ def test_one_joint_step_lowers_the_loss(name, options):
   phase = train.Phase("joint", net, (1.0, 1.0, 1.0), 0, 1)
   tx = _adam(1e-3)
   step = train.make_train_step(phase, tx)
-  state, metrics = step(train._fresh_state(phase, tx, variables, 0),
+  state, metrics = step(train.initial_state(phase, tx, variables, 0),
                         {"image": x, "label": y}, key)
   assert float(loss({"params": state.params, **state.model_state})) < before
   if name == "b_resnet":  # BatchNorm: training updates the running statistics.
@@ -208,7 +208,7 @@ def test_memorises_256_random_examples(name, options, main_only):
   phase_net = net.main_network() if main_only else net
   phase = train.Phase("p", phase_net, (1.0,) * phase_net.num_exits, 0, 1)
   tx = _adam(2e-3)
-  state = train._fresh_state(phase, tx, nets.init(net, jax.random.key(0)), 0)
+  state = train.initial_state(phase, tx, nets.init(net, jax.random.key(0)), 0)
   step = train.make_train_step(phase, tx)
   final_exit = jax.jit(lambda v, x: nets.forward(phase_net, v, x)[0].logits[-1])
   x, y = _random_examples(256)

@@ -32,7 +32,7 @@ def test_bfloat16_step_keeps_parameters_state_and_logits_float32(name, options):
                                           beta2=0.999, weight_decay=0.0, lr_schedule="constant"))
   phase = train.Phase("joint", net, (1.0,) * net.num_exits, 0, 1)
   tx = train.make_optimizer(config, 1)
-  state = train._fresh_state(phase, tx, variables, 0)
+  state = train.initial_state(phase, tx, variables, 0)
   batch = {"image": np.asarray(x), "label": np.arange(4, dtype=np.int32)}
   state, metrics = train.make_train_step(phase, tx)(state, batch, jax.random.key(0))
   assert _dtypes(state.params) == _dtypes(state.model_state or {"_": jnp.zeros(())}) == {"float32"}

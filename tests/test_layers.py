@@ -33,10 +33,23 @@ def conv_case(request):
   return request.param, (kernel, bias, x), g, _reference_conv(kernel, bias, x, pad), grads
 
 
-@pytest.mark.parametrize("impl", [i for i in layers.CONV_IMPLS if i not in layers.PHASE_IMPLS])
-def test_conv_matches_lax(conv_case, impl):
+# Implementations that need no pool, with every kernel gradient they take.
+UNPOOLED = [(name, grad) for name, impl in layers.CONV_IMPLS.items() if not impl.needs_pool
+            for grad in layers.KERNEL_GRADS if grad == "autodiff" or not impl.fuses_pool]
+POOL_ONLY = tuple(name for name, impl in layers.CONV_IMPLS.items() if impl.needs_pool)
+
+
+def test_every_implementation_is_described():
+  for name, impl in layers.CONV_IMPLS.items():
+    assert isinstance(impl, layers.ConvImpl) and callable(impl.forward), name
+    assert impl.description and "\n" not in impl.description, name
+  assert POOL_ONLY and all(layers.CONV_IMPLS[n].fuses_pool for n in POOL_ONLY)
+
+
+@pytest.mark.parametrize("impl,kernel_grad", UNPOOLED, ids="/".join)
+def test_conv_matches_lax(conv_case, impl, kernel_grad):
   (_, _, _, cout, k, pad), args, g, want, want_grads = conv_case
-  conv = layers.Conv(cout, k, padding=pad, impl=impl)
+  conv = layers.Conv(cout, k, padding=pad, impl=impl, kernel_grad=kernel_grad)
   ours = lambda kernel, bias, x: conv.apply({"params": {"kernel": kernel, "bias": bias}}, x)
   grad = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * g), (0, 1, 2)))
   np.testing.assert_allclose(jax.jit(ours)(*args), want, atol=1e-5, rtol=1e-5)
@@ -55,7 +68,7 @@ def _numpy_pool_ceil(x: np.ndarray, window: int) -> np.ndarray:
   return out
 
 
-@pytest.mark.parametrize("impl", ("shifted", "batch_minor") + layers.PHASE_IMPLS)
+@pytest.mark.parametrize("impl", ("shifted_sum", "im2col_batch_last") + POOL_ONLY)
 @pytest.mark.parametrize("pool", [2, 3])
 def test_pooled_conv_matches_conv_then_numpy_pool(conv_case, impl, pool):
   """Conv(pool=p) = lax conv, then ceil max pooling; odd sizes exercise the ragged edge."""
@@ -71,9 +84,15 @@ def test_pooled_conv_matches_conv_then_numpy_pool(conv_case, impl, pool):
     np.testing.assert_allclose(g, want_g, atol=1e-3 * float(jnp.max(jnp.abs(want_g))), rtol=1e-4)
 
 
-def test_phase_impl_without_pool_is_refused():
-  with pytest.raises(ValueError, match="pool >= 2"):
-    layers.Conv(4, 3, impl="phase").init(jax.random.key(0), jnp.ones((1, 6, 6, 1)))
+@pytest.mark.parametrize("options,match", [
+    ({"impl": "pool_phase"}, "pool >= 2"),
+    ({"impl": "pool_phase", "pool": 2, "kernel_grad": "dot"}, "only be 'autodiff'"),
+    ({"impl": "phase", "pool": 2}, "Unknown conv impl 'phase'"),  # Old names: nets.get only.
+    ({"kernel_grad": "fft"}, "Unknown kernel_grad 'fft'"),
+])
+def test_impossible_implementations_are_refused(options, match):
+  with pytest.raises(ValueError, match=match):
+    layers.Conv(4, 3, **options).init(jax.random.key(0), jnp.ones((1, 6, 6, 1)))
 
 
 def _reduce_window_pool(x: jax.Array, window: int) -> jax.Array:

@@ -74,7 +74,7 @@ def test_lenet_is_the_main_path_of_blenet(blenet):
   assert nets.count_params(lenet_params) == 74694 - PARAMS["head_0"]
 
 
-@pytest.mark.parametrize("conv1_impl", ["xla", "shifted", "im2col"])
+@pytest.mark.parametrize("conv1_impl", ["xla", "shifted_sum", "im2col"])
 def test_layer_implementations_share_parameters(blenet, conv1_impl):
   net, variables = blenet
   other = nets.get("b_lenet", conv1_impl=conv1_impl, conv_impl="im2col")

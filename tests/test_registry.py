@@ -1,6 +1,7 @@
 """Layer implementations chosen per platform ("auto"), and that every choice computes the same."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -8,13 +9,36 @@ from bnet_jax import nets
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 TIERS = (1, 2, 64, 256, 2048)
-CPU_TRAIN = {"conv1_impl": "batch_minor", "conv_impl": "xla_pad8_dotgrad"}
+AUTODIFF = {"conv1_kernel_grad": "autodiff", "conv_kernel_grad": "autodiff"}
+XLA = {"conv1_impl": "xla", "conv_impl": "xla", **AUTODIFF}
+CPU_TRAIN = {"conv1_impl": "im2col_batch_last", "conv1_kernel_grad": "autodiff",
+             "conv_impl": "xla_channels_pad8", "conv_kernel_grad": "dot"}
 CPU_INFERENCE = {
-    1: {"conv1_impl": "phase", "exit_conv_impl": "tapwise", "conv_impl": "tapwise"},
-    2: {"conv1_impl": "phase", "exit_conv_impl": "xla", "conv_impl": "xla_pad8"},
-    64: {"conv1_impl": "phase", "exit_conv_impl": "xla", "conv_impl": "phase_im2col"},
-    256: {"conv1_impl": "phase", "exit_conv_impl": "xla", "conv_impl": "xla_pad8"},
-    2048: {"conv1_impl": "phase", "exit_conv_impl": "xla", "conv_impl": "xla_pad8"},
+    1: {"conv1_impl": "pool_phase", "exit_conv_impl": "all_taps_matmul",
+        "conv_impl": "all_taps_matmul", **AUTODIFF},
+    2: {"conv1_impl": "pool_phase", "exit_conv_impl": "xla", "conv_impl": "xla_channels_pad8",
+        **AUTODIFF},
+    64: {"conv1_impl": "pool_phase", "exit_conv_impl": "xla", "conv_impl": "pool_phase_im2col",
+         **AUTODIFF},
+    256: {"conv1_impl": "pool_phase", "exit_conv_impl": "xla", "conv_impl": "xla_channels_pad8",
+          **AUTODIFF},
+    2048: {"conv1_impl": "pool_phase", "exit_conv_impl": "xla", "conv_impl": "xla_channels_pad8",
+           **AUTODIFF},
+}
+# Each implementation name used before the kernel gradient was an option of its own, as
+# configs and workdirs (config.json, runs.json) hold them, and what it means now.
+OLD_NAMES = {
+    "xla": {"impl": "xla"},
+    "im2col": {"impl": "im2col"},
+    "shifted": {"impl": "shifted_sum", "kernel_grad": "autodiff"},
+    "tapwise": {"impl": "all_taps_matmul", "kernel_grad": "autodiff"},
+    "batch_minor": {"impl": "im2col_batch_last", "kernel_grad": "autodiff"},
+    "xla_pad8": {"impl": "xla_channels_pad8", "kernel_grad": "autodiff"},
+    "xla_dotgrad": {"impl": "xla", "kernel_grad": "dot"},
+    "shifted_dotgrad": {"impl": "shifted_sum", "kernel_grad": "dot"},
+    "xla_pad8_dotgrad": {"impl": "xla_channels_pad8", "kernel_grad": "dot"},
+    "phase": {"impl": "pool_phase", "kernel_grad": "autodiff"},
+    "phase_im2col": {"impl": "pool_phase_im2col", "kernel_grad": "autodiff"},
 }
 
 
@@ -22,12 +46,12 @@ def test_training_choices_per_platform():
   auto = {"conv1_impl": "auto", "conv_impl": "auto"}
   assert nets.resolve_options("b_lenet", auto, platform_name="cpu") == CPU_TRAIN
   for accelerator in ("gpu", "tpu"):
-    assert nets.resolve_options("b_lenet", auto, platform_name=accelerator) == {
-        "conv1_impl": "xla", "conv_impl": "xla"}
+    assert nets.resolve_options("b_lenet", auto, platform_name=accelerator) == XLA
   for name in ("b_alexnet", "b_resnet", "resnet", "alexnet"):
     for platform in PLATFORMS:
       assert nets.resolve_options(name, {"conv_impl": "auto", "depth": 8},
-                                  platform_name=platform) == {"conv_impl": "xla", "depth": 8}
+                                  platform_name=platform) == {
+          "conv_impl": "xla", "conv_kernel_grad": "autodiff", "depth": 8}
 
 
 def test_inference_choices_per_platform_and_batch():
@@ -38,18 +62,83 @@ def test_inference_choices_per_platform_and_batch():
   assert nets.inference_options("b_lenet", None, "cpu") == CPU_INFERENCE[2048]
   for accelerator in ("gpu", "tpu"):
     for b in TIERS:
-      assert nets.inference_options("b_lenet", b, accelerator) == {
-          "conv1_impl": "xla", "conv_impl": "xla"}
-      assert nets.inference_options("b_resnet", b, accelerator) == {"conv_impl": "xla"}
+      assert nets.inference_options("b_lenet", b, accelerator) == XLA
+      assert nets.inference_options("b_resnet", b, accelerator) == {
+          "conv_impl": "xla", "conv_kernel_grad": "autodiff"}
 
 
 def test_explicit_choices_are_kept_and_absent_ones_filled():
   given = {"conv1_impl": "im2col", "conv_impl": "auto"}
   assert nets.resolve_options("b_lenet", given, platform_name="tpu") == {
-      "conv1_impl": "im2col", "conv_impl": "xla"}
+      **XLA, "conv1_impl": "im2col"}
+  # A given implementation gets "autodiff" unless its kernel gradient is given too.
+  assert nets.resolve_options("b_lenet", given, platform_name="cpu") == {
+      **CPU_TRAIN, "conv1_impl": "im2col"}
+  assert nets.resolve_options("b_lenet", {"conv_impl": "xla", "conv1_kernel_grad": "dot"},
+                              platform_name="cpu") == {
+      **CPU_TRAIN, "conv_impl": "xla", "conv_kernel_grad": "autodiff", "conv1_kernel_grad": "dot"}
   assert nets.resolve_options("b_lenet", {}, platform_name="cpu") == CPU_TRAIN
   assert given == {"conv1_impl": "im2col", "conv_impl": "auto"}  # Not modified.
-  assert nets.get("b_lenet").stages[0].trunk.conv_impl == "batch_minor"  # This CPU.
+  trunk = nets.get("b_lenet").stages[1].trunk  # This CPU.
+  assert (trunk.conv_impl, trunk.conv_kernel_grad) == ("xla_channels_pad8", "dot")
+
+
+def test_old_names_map_to_their_name_and_kernel_gradient():
+  for old, new in OLD_NAMES.items():
+    want = {"conv_impl": new["impl"], "depth": 8}
+    if "kernel_grad" in new:
+      want["conv_kernel_grad"] = new["kernel_grad"]
+    assert nets.canonical_options("b_resnet", {"conv_impl": old, "depth": 8}) == want
+  assert nets.canonical_options("b_lenet", None) == {}
+  assert nets.canonical_options("lenet", {"conv_impl": "auto"}) == {"conv_impl": "auto"}
+  assert nets.canonical_options("b_lenet", {"exit_conv_impl": "phase",
+                                            "conv_kernel_grad": "dot"}) == {
+      "exit_conv_impl": "pool_phase", "exit_conv_kernel_grad": "autodiff",
+      "conv_kernel_grad": "dot"}
+  assert nets.canonical_options("b_alexnet", {"conv1_impl": "phase"}) == {
+      "conv1_impl": "phase"}  # Not an option of B-AlexNet: left for it to refuse.
+  with pytest.raises(ValueError, match="implies conv_kernel_grad='dot'"):
+    nets.canonical_options("b_lenet", {"conv_impl": "xla_dotgrad",
+                                       "conv_kernel_grad": "autodiff"})
+
+
+def test_workdir_options_with_old_names_resolve():
+  """What runs.json and config.json hold from before the rename resolve as they did."""
+  old_train = {"conv1_impl": "batch_minor", "conv_impl": "xla_pad8_dotgrad"}
+  for platform in PLATFORMS:
+    assert nets.resolve_options("b_lenet", old_train, platform_name=platform) == CPU_TRAIN
+  old_tier = {"conv1_impl": "phase", "exit_conv_impl": "tapwise", "conv_impl": "tapwise"}
+  assert nets.resolve_options("b_lenet", old_tier, platform_name="tpu") == {
+      **CPU_INFERENCE[1], "exit_conv_kernel_grad": "autodiff"}
+  config = {"conv1_impl": "auto", "conv_impl": "xla_dotgrad"}
+  assert nets.resolve_options("b_lenet", config, platform_name="cpu") == {
+      "conv1_impl": "im2col_batch_last", "conv1_kernel_grad": "autodiff", "conv_impl": "xla",
+      "conv_kernel_grad": "dot"}
+  assert nets.resolve_options("b_resnet", {"depth": 8, "conv_impl": "xla_pad8"},
+                              platform_name="gpu") == {
+      "depth": 8, "conv_impl": "xla_channels_pad8", "conv_kernel_grad": "autodiff"}
+  assert nets.get("b_lenet", **old_train) == nets.get("b_lenet", **CPU_TRAIN)
+
+
+@pytest.mark.parametrize("old", OLD_NAMES)
+def test_every_old_name_builds_its_canonical_network(old):
+  """Old names in every B-LeNet convolution (all pooled) build the network of their new
+  names, which computes XLA's values and gradients."""
+  new = OLD_NAMES[old]
+  grad = new.get("kernel_grad", "autodiff")
+  net = nets.get("b_lenet", conv1_impl=old, conv_impl=old, exit_conv_impl=old)
+  assert net == nets.get("b_lenet", conv1_impl=new["impl"], conv_impl=new["impl"],
+                         exit_conv_impl=new["impl"], conv1_kernel_grad=grad,
+                         conv_kernel_grad=grad, exit_conv_kernel_grad=grad)
+  xla = nets.get("b_lenet", conv1_impl="xla", conv_impl="xla")
+  variables = nets.init(xla, jax.random.key(0))
+  x = jax.random.uniform(jax.random.key(1), (3, 28, 28, 1))
+  loss = lambda net: lambda p: jnp.sum(nets.forward(net, {"params": p}, x)[0].logits ** 2)
+  np.testing.assert_allclose(nets.forward(net, variables, x)[0].logits,
+                             nets.forward(xla, variables, x)[0].logits, rtol=2e-5, atol=2e-5)
+  got, want = (jax.grad(loss(n))(variables["params"]) for n in (net, xla))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))))
 
 
 def _choices():

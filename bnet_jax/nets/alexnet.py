@@ -63,8 +63,10 @@ def _relu_pool_lrn(x: jax.Array) -> jax.Array:
   return paper_lrn(max_pool_3x3_s2(nn.relu(x)))
 
 
-def _conv(features: int, kernel: int, name: str, impl: str, dtype: Any) -> layers.Conv:
-  return layers.Conv(features, kernel, padding=kernel // 2, impl=impl, name=name, dtype=dtype)
+def _conv(features: int, kernel: int, name: str, module: nn.Module) -> layers.Conv:
+  """A k // 2-padded `layers.Conv` with `module`'s implementation, kernel gradient and dtype."""
+  return layers.Conv(features, kernel, padding=kernel // 2, impl=module.conv_impl,
+                     kernel_grad=module.conv_kernel_grad, name=name, dtype=module.dtype)
 
 
 def _flatten(x: jax.Array) -> jax.Array:
@@ -81,23 +83,26 @@ class Trunk(nn.Module):
   """
   blocks: tuple[str, ...]
   conv_impl: str = "xla"
+  conv_kernel_grad: str = "autodiff"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for block in self.blocks:
       if block == "conv1":
-        x = _relu_pool_lrn(_conv(32, 5, "conv1", self.conv_impl, self.dtype)(x))
+        x = _relu_pool_lrn(_conv(32, 5, "conv1", self)(x))
       elif block == "conv2":
-        x = _relu_pool_lrn(_conv(64, 5, "conv2", self.conv_impl, self.dtype)(x))
+        x = _relu_pool_lrn(_conv(64, 5, "conv2", self)(x))
       elif block == "conv3":
-        x = nn.relu(_conv(96, 3, "conv3", self.conv_impl, self.dtype)(x))
+        x = nn.relu(_conv(96, 3, "conv3", self)(x))
       elif block == "top":
-        x = nn.relu(_conv(96, 3, "conv4", self.conv_impl, self.dtype)(x))
-        x = nn.relu(_conv(64, 3, "conv5", self.conv_impl, self.dtype)(x))
+        x = nn.relu(_conv(96, 3, "conv4", self)(x))
+        x = nn.relu(_conv(64, 3, "conv5", self)(x))
         x = _flatten(max_pool_3x3_s2(x))
-        x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(256, dtype=self.dtype, name="fc1")(x)))
-        x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(128, dtype=self.dtype, name="fc2")(x)))
+        x = nn.relu(nn.Dense(256, dtype=self.dtype, name="fc1")(x))
+        x = nn.Dropout(0.5, deterministic=not train)(x)
+        x = nn.relu(nn.Dense(128, dtype=self.dtype, name="fc2")(x))
+        x = nn.Dropout(0.5, deterministic=not train)(x)
       else:
         raise ValueError(f"Unknown AlexNet block {block!r}.")
     return x
@@ -111,6 +116,7 @@ class Branch(nn.Module):
   num_convs: int
   pool_first: bool
   conv_impl: str = "xla"
+  conv_kernel_grad: str = "autodiff"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -118,7 +124,7 @@ class Branch(nn.Module):
     if self.pool_first:
       x = paper_lrn(max_pool_3x3_s2(x))
     for i in range(self.num_convs):
-      x = nn.relu(_conv(32, 3, f"conv{i + 1}", self.conv_impl, self.dtype)(x))
+      x = nn.relu(_conv(32, 3, f"conv{i + 1}", self)(x))
     return nn.Dense(10, dtype=self.dtype, name="fc")(_flatten(max_pool_3x3_s2(x)))
 
 
@@ -131,28 +137,32 @@ class MainExit(nn.Module):
     return nn.Dense(10, dtype=self.dtype, name="fc3")(x)
 
 
-def b_alexnet(placement: str = "code", conv_impl: str = "xla", dtype: Any = "float32"
-              ) -> Network:
+def b_alexnet(placement: str = "code", conv_impl: str = "xla", dtype: Any = "float32", *,
+              conv_kernel_grad: str = "autodiff") -> Network:
   """B-AlexNet for CIFAR-10.
 
   Args:
     placement: "code" (exits after conv2 and conv3, as the authors' code) or "paper"
       (after conv1 and conv2).
-    conv_impl: implementation of every convolution (see `layers.CONV_IMPLS`).
+    conv_impl: implementation of every convolution (a `layers.CONV_IMPLS` name).
     dtype: computation dtype of every layer (parameters stay float32).
+    conv_kernel_grad: how every convolution's kernel gradient is computed (a
+      `layers.KERNEL_GRADS` name).
 
   Returns:
     A 3-exit `Network` named "b_alexnet" ("b_alexnet_paper" for the paper's placement).
   """
-  d = jnp.dtype(dtype)
+  convs = dict(conv_impl=conv_impl, conv_kernel_grad=conv_kernel_grad, dtype=jnp.dtype(dtype))
+  trunk, branch = functools.partial(Trunk, **convs), functools.partial(Branch, **convs)
+  main = MainExit(convs["dtype"])
   if placement == "code":
-    stages = (Stage(Trunk(("conv1", "conv2"), conv_impl, d), Branch(2, False, conv_impl, d)),
-              Stage(Trunk(("conv3",), conv_impl, d), Branch(1, True, conv_impl, d)),
-              Stage(Trunk(("top",), conv_impl, d), MainExit(d)))
+    stages = (Stage(trunk(("conv1", "conv2")), branch(2, False)),
+              Stage(trunk(("conv3",)), branch(1, True)),
+              Stage(trunk(("top",)), main))
   elif placement == "paper":
-    stages = (Stage(Trunk(("conv1",), conv_impl, d), Branch(2, False, conv_impl, d)),
-              Stage(Trunk(("conv2",), conv_impl, d), Branch(1, False, conv_impl, d)),
-              Stage(Trunk(("conv3", "top"), conv_impl, d), MainExit(d)))
+    stages = (Stage(trunk(("conv1",)), branch(2, False)),
+              Stage(trunk(("conv2",)), branch(1, False)),
+              Stage(trunk(("conv3", "top")), main))
   else:
     raise ValueError(f"Unknown placement {placement!r}; expected one of {PLACEMENTS}.")
   suffix = "" if placement == "code" else f"_{placement}"
@@ -160,7 +170,9 @@ def b_alexnet(placement: str = "code", conv_impl: str = "xla", dtype: Any = "flo
                  num_classes=10)
 
 
-def alexnet(placement: str = "code", conv_impl: str = "xla", dtype: Any = "float32") -> Network:
+def alexnet(placement: str = "code", conv_impl: str = "xla", dtype: Any = "float32", *,
+            conv_kernel_grad: str = "autodiff") -> Network:
   """AlexNet: B-AlexNet's trunk and main exit, parameters named as in B-AlexNet."""
   suffix = "" if placement == "code" else f"_{placement}"
-  return b_alexnet(placement, conv_impl, dtype).main_network(name=f"alexnet{suffix}")
+  return b_alexnet(placement, conv_impl, dtype, conv_kernel_grad=conv_kernel_grad
+                   ).main_network(name=f"alexnet{suffix}")

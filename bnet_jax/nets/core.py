@@ -73,16 +73,17 @@ class Network:
     """The dtype the layers compute in (parameters are float32 whatever it is)."""
     return np.dtype(getattr(self.stages[0].trunk, "dtype", np.float32))
 
-  def with_conv_impl(self, impl: str = "xla") -> Network:
+  def with_conv_impl(self, impl: str = "xla", kernel_grad: str = "autodiff") -> Network:
     """The same network with every stage module's convolutions implemented by `impl`.
 
     Implementations share parameters (see `layers.Conv`), so the result runs the
-    same variables. Stage modules name their implementation field ``conv_impl``.
+    same variables. Stage modules name their implementation fields ``conv_impl``
+    and ``conv_kernel_grad`` (set to `kernel_grad`).
     """
     def swap(module: nn.Module | None) -> nn.Module | None:
       if module is None or not hasattr(module, "conv_impl"):
         return module
-      return module.clone(conv_impl=impl)
+      return module.clone(conv_impl=impl, conv_kernel_grad=kernel_grad)
     return dataclasses.replace(self, stages=tuple(
         Stage(swap(s.trunk), swap(s.head)) for s in self.stages))
 

@@ -1,48 +1,14 @@
 """Small layers Flax lacks, with implementations chosen for XLA's CPU backend.
 
 `Conv` keeps Flax's parameter layout (`kernel` HWIO, `bias`) whatever its
-implementation, so a checkpoint trained with one runs with another:
-
-- ``"xla"``: `lax.conv_general_dilated`.
-- ``"shifted"``: a sum of kh*kw shifted multiply-adds. XLA's CPU convolution with
-  one input channel is about 10x slower than it should be; this form is not.
-- ``"im2col"``: patches concatenated on the channel axis, then one matmul. Faster
-  than XLA's convolution for narrow layers at small batch sizes.
-- ``"batch_minor"``: im2col with the batch axis last, (C_in, H, W, B): every copy
-  moves whole rows of B floats and every matmul (forward and both gradients) has
-  one long axis. B-LeNet's conv1 (one input channel) took 25 ms forward and
-  backward at batch 512 against 94 ms with ``"xla"``, and the joint train step ran
-  18-37% faster with it in nine paired runs (2026-11-30). Wider layers gained
-  less in isolation, and inside the network lost: XLA fused the transposes back to
-  (B, H, W, C) into the gradient's patch sums.
-- ``"tapwise"``: the padded input times every tap's (C_in, C_out) matrix in one
-  matmul, then the k*k shifted slices of that product summed. At batch 1 XLA's
-  convolution costs several times its arithmetic: with this form B-LeNet's exit-1
-  program took 46 us against 64-68 with ``"xla"``, and its main path 147 against
-  162 with ``"xla_pad8"`` (one core, 2026-11-30). At batch 256 it was 3x slower.
-  The input is read once, by the matmul: an im2col of the exit-1 convolution made
-  XLA fuse (and so recompute) stage 1 into each of its nine slices.
-- ``"xla_pad8"``: ``"xla"`` on input and output channels zero-padded to multiples of
-  8 (the padded outputs are dropped): XLA's CPU convolution vectorises channels in
-  groups of 8 floats. B-LeNet's stage 2 (5->10 and 10->20 channels) ran 23% faster
-  at batch 256 and 2048 (46 vs 60 us per sample) and 17% faster at batch 1.
-- ``"xla_dotgrad"``, ``"shifted_dotgrad"``, ``"xla_pad8_dotgrad"``: as ``"xla"``,
-  ``"shifted"``, ``"xla_pad8"``, but the kernel gradient is k*k matmuls over
-  shifted views (see `_kernel_grad`); the same forward pass, a faster backward
-  pass. B-LeNet's joint train step at batch 512 ran 3-9% faster with
-  ``"xla_pad8_dotgrad"`` than with ``"xla_dotgrad"`` for exit 1 and stage 2
-  (three runs, 2026-11-30).
-
-A convolution followed by max pooling (`Conv(..., pool=2)`) can also be computed
-*by pooling phase* (``"phase"``, ``"phase_im2col"``): the conv outputs that land in
-the same position of every pooling window are computed together from strided views
-of the input, and the pool is an elementwise max of those phases. Nothing of the
-full-resolution output is stored, and the channel axis is no longer a narrow inner
-loop of a reduction: B-LeNet's conv1 + pool ran 7x faster at batch 256 and 1.5x at
-batch 1 than "shifted" followed by `max_pool_ceil`. Use them for inference; their
-autodiff gradients are correct but not tuned.
+implementation, so a checkpoint trained with one runs with another. Its
+implementations are the records of `CONV_IMPLS` (the function, whether it fuses the
+max pool that follows, what it is and why it exists); how the kernel gradient is
+computed is a separate choice, `KERNEL_GRADS`, that applies to every implementation
+that does not fuse the pool.
 """
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -51,10 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-
-CONV_IMPLS = ("xla", "tapwise", "shifted", "im2col", "batch_minor", "xla_pad8",
-              "xla_dotgrad", "shifted_dotgrad", "xla_pad8_dotgrad", "phase", "phase_im2col")
-PHASE_IMPLS = ("phase", "phase_im2col")
 
 
 def _patches(x: jax.Array, k: int, pad: int) -> list[jax.Array]:
@@ -65,30 +27,28 @@ def _patches(x: jax.Array, k: int, pad: int) -> list[jax.Array]:
   return [xp[:, i:i + ho, j:j + wo, :] for i in range(k) for j in range(k)]
 
 
-def _batch_minor_padded(x: jax.Array, pad: int) -> jax.Array:
+def _batch_last_padded(x: jax.Array, pad: int) -> jax.Array:
   """(B, H, W, C) -> (C, H + 2 pad, W + 2 pad, B): transposed, spatially zero-padded."""
   return jnp.pad(jnp.transpose(x, (3, 1, 2, 0)), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
 
-def _batch_minor_patches(x: jax.Array, k: int, pad: int) -> list[jax.Array]:
+def _batch_last_patches(x: jax.Array, k: int, pad: int) -> list[jax.Array]:
   """`_patches` with the batch axis last: the k*k views of `x` (B, H, W, C), each
   (C, Ho, Wo, B), taken from one transposed, zero-padded copy."""
-  xt = _batch_minor_padded(x, pad)
+  xt = _batch_last_padded(x, pad)
   ho, wo = xt.shape[1] - k + 1, xt.shape[2] - k + 1
   return [xt[:, i:i + ho, j:j + wo] for i in range(k) for j in range(k)]
 
 
-def _batch_minor_cols(x: jax.Array, k: int, pad: int) -> jax.Array:
+def _batch_last_cols(x: jax.Array, k: int, pad: int) -> jax.Array:
   """The patch matrix of `x` (B, H, W, C) with the batch axis last: (k*k*C, Ho, Wo, B).
 
   Row (i*k + j)*C + c holds channel c shifted by tap (i, j): the concatenated
-  `_batch_minor_patches`, built in two steps (k row shifts, then k column shifts
-  of those). Concatenating the k*k views directly made XLA write each view and
-  then copy it again: B-LeNet's conv1 patches took 9.9 against 4.2 ms at batch
-  512, and the joint train step ran 4.7% faster this way (4,956 against 4,734
-  images/s, 21 interleaved repeats in one process, 2026-11-30).
+  `_batch_last_patches`, built in two steps (k row shifts, then k column shifts of
+  those), because concatenating the k*k views directly made XLA write each view and
+  then copy it again.
   """
-  xt = _batch_minor_padded(x, pad)
+  xt = _batch_last_padded(x, pad)
   ho, wo = xt.shape[1] - k + 1, xt.shape[2] - k + 1
   rows = jnp.stack([xt[:, i:i + ho] for i in range(k)])  # (k, C, Ho, W + 2 pad, B)
   cols = jnp.stack([rows[:, :, :, j:j + wo] for j in range(k)], axis=1)
@@ -101,8 +61,12 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _padded_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
-  """`_xla_conv` with C_in and C_out zero-padded up to multiples of 8."""
+def _channels_pad8_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+  """`_xla_conv` with C_in and C_out zero-padded up to multiples of 8.
+
+  XLA's CPU convolution vectorises channels in groups of 8 floats; the padded
+  outputs are dropped.
+  """
   cin, cout = kernel.shape[2:]
   more_in, more_out = -cin % 8, -cout % 8
   x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, more_in)))
@@ -110,8 +74,12 @@ def _padded_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
   return _xla_conv(x, kernel, pad)[..., :cout]
 
 
-def _shifted_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
-  """`_xla_conv` as a sum of k*k shifted multiply-adds."""
+def _shifted_sum_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+  """`_xla_conv` as a sum of k*k shifted views, each times its tap's (C_in, C_out) matrix.
+
+  XLA's CPU convolution with one input channel is much slower than its arithmetic
+  warrants; this form (an elementwise multiply-add per tap when C_in is 1) is not.
+  """
   k, _, cin, cout = kernel.shape
   taps = kernel.reshape(k * k, cin, cout)
   views = _patches(x, k, pad)
@@ -120,12 +88,15 @@ def _shifted_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
   return sum(v @ t for v, t in zip(views, taps))
 
 
-def _tapwise_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+def _all_taps_matmul_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
   """`_xla_conv` as one matmul for every tap at once, then a sum of k*k shifted slices.
 
   (B, H, W, C_in) * (k, k, C_in, C_out) HWIO -> (B, Ho, Wo, C_out). With xp the
   zero-padded input, z[p, q, a, b] = xp[p, q] @ kernel[a, b] and output (i, j) is
-  the sum over taps (a, b) of z[i + a, j + b, a, b].
+  the sum over taps (a, b) of z[i + a, j + b, a, b]. At batch 1 XLA's convolution
+  costs several times its arithmetic; this form does not (at large batches it is
+  slower). The input is read once, by the matmul: an im2col of B-LeNet's exit-1
+  convolution made XLA fuse (and so recompute) stage 1 into each of its k*k slices.
   """
   k, _, cin, cout = kernel.shape
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
@@ -136,8 +107,18 @@ def _tapwise_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
   return sum(z[:, i:i + ho, j:j + wo, i, j] for i in range(k) for j in range(k))
 
 
-def _batch_minor_conv_pool(x: jax.Array, kernel: jax.Array, pad: int, pool: int
-                           ) -> jax.Array:
+def _im2col_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+  """`_xla_conv` as the k*k shifted views concatenated on the channel axis, then one matmul.
+
+  (B, H, W, C_in) -> (B, Ho, Wo, C_out) via the (B, Ho, Wo, k*k*C_in) patch matrix.
+  """
+  k, _, cin, cout = kernel.shape
+  cols = jnp.concatenate(_patches(x, k, pad), axis=-1)
+  return cols @ kernel.reshape(k * k * cin, cout)
+
+
+def _im2col_batch_last_conv_pool(x: jax.Array, kernel: jax.Array, pad: int, pool: int
+                                 ) -> jax.Array:
   """`_xla_conv` (then `max_pool_ceil` if pool > 1) as one matmul, batch axis last.
 
   (B, H, W, C_in) -> (B, Ho, Wo, C_out); pooled,
@@ -147,9 +128,12 @@ def _batch_minor_conv_pool(x: jax.Array, kernel: jax.Array, pad: int, pool: int
   kernel^T (C_out, k*k*C_in) @ patches. Every copy, the pool and its gradient then
   move whole rows of B contiguous floats, and the matmuls (forward, kernel
   gradient, input gradient) have one long dimension, whatever the channel counts.
+  This is what makes B-LeNet's one-input-channel conv1 fast in training; wider
+  layers gain less, and inside the network lose: XLA fuses the transposes back to
+  (B, H, W, C) into the gradient's patch sums.
   """
   k, _, cin, cout = kernel.shape
-  cols = _batch_minor_cols(x, k, pad)
+  cols = _batch_last_cols(x, k, pad)
   y = (kernel.reshape(k * k * cin, cout).T @ cols.reshape(k * k * cin, -1)
        ).reshape(cout, *cols.shape[1:])
   if pool > 1:
@@ -157,60 +141,18 @@ def _batch_minor_conv_pool(x: jax.Array, kernel: jax.Array, pad: int, pool: int
   return jnp.transpose(y, (3, 1, 2, 0))
 
 
-def _kernel_grad(x: jax.Array, g: jax.Array, k: int, pad: int) -> jax.Array:
-  """Gradient of a convolution's (k, k, C_in, C_out) kernel, as k*k matmuls.
-
-  Autodiff gives XLA's kernel-gradient convolution (emitted on CPU as a plain loop
-  nest, 5-10x slower than the forward convolution) or, for the shifted form, k*k
-  broadcast-multiply-reduces. Here the input is transposed once to (C_in, H, W, B)
-  and the cotangent to (Ho, Wo, B, C_out), so that each tap's view is a copy of
-  whole rows of B floats and its matmul contracts one long axis:
-  dkernel[i, j] = view_ij (C_in, Ho*Wo*B) @ g (Ho*Wo*B, C_out).
-  With the views in (C_in, B, H, W) order instead, XLA copied each one element by
-  element (an index division per float): in XLA's profile of B-LeNet's train
-  step at batch 512 the k*k copies took 146 of the 234 ms of op time; in this
-  order, 15-16 ms (2026-11-30).
-
-  Args:
-    x: (B, H, W, C_in) convolution input.
-    g: (B, Ho, Wo, C_out) cotangent of the convolution output.
-  """
-  cin, cout = x.shape[-1], g.shape[-1]
-  gt = jnp.transpose(g, (1, 2, 0, 3)).reshape(-1, cout)
-  taps = [v.reshape(cin, -1) @ gt for v in _batch_minor_patches(x, k, pad)]
-  return jnp.stack(taps).reshape(k, k, cin, cout)
-
-
-def _with_dot_kernel_grad(conv: Callable) -> Callable:
-  """`conv(x, kernel, pad)` whose kernel gradient is `_kernel_grad`; x's is conv's own."""
-  def fwd(x, kernel, pad):
-    return conv(x, kernel, pad), (x, kernel)
-
-  def bwd(pad, res, g):
-    x, kernel = res
-    dx = jax.vjp(lambda x: conv(x, kernel, pad), x)[1](g)[0]  # Dropped by XLA if unused.
-    return dx, _kernel_grad(x, g, kernel.shape[0], pad)
-
-  wrapped = jax.custom_vjp(conv, nondiff_argnums=(2,))
-  wrapped.defvjp(fwd, bwd)
-  return wrapped
-
-
-_CONVS = {"xla": _xla_conv, "tapwise": _tapwise_conv, "shifted": _shifted_conv,
-          "xla_pad8": _padded_conv,
-          "xla_dotgrad": _with_dot_kernel_grad(_xla_conv),
-          "shifted_dotgrad": _with_dot_kernel_grad(_shifted_conv),
-          "xla_pad8_dotgrad": _with_dot_kernel_grad(_padded_conv)}
-
-
 def _phase_conv_pool(x: jax.Array, kernel: jax.Array, pad: int, pool: int,
                      im2col: bool) -> jax.Array:
   """`max_pool_ceil(_xla_conv(x, kernel, pad), pool)` computed by pooling phase.
 
-  Phase (a, c) holds the conv outputs at rows a, a + pool, ... and columns c,
-  c + pool, ...: for each kernel tap a strided view of the padded input. Positions
-  past the conv output (the ragged edge of ceil pooling) are -inf, so they never
-  win the max, exactly as in `max_pool_ceil`.
+  (B, H, W, C_in) -> (B, ceil(Ho / pool), ceil(Wo / pool), C_out). Phase (a, c)
+  holds the conv outputs at rows a, a + pool, ... and columns c, c + pool, ...: for
+  each kernel tap a strided view of the padded input, summed (`im2col`: concatenated,
+  then one matmul). The pool is an elementwise max of the phases, so nothing of the
+  full-resolution output is stored and the channel axis is no longer a narrow inner
+  loop of a reduction. Positions past the conv output (the ragged edge of ceil
+  pooling) are -inf, so they never win the max, exactly as in `max_pool_ceil`. Meant
+  for inference: the autodiff gradients are correct but not tuned.
   """
   k, _, cin, cout = kernel.shape
   b, h, w, _ = x.shape
@@ -239,6 +181,117 @@ def _phase_conv_pool(x: jax.Array, kernel: jax.Array, pad: int, pool: int,
   return best
 
 
+def _kernel_grad(x: jax.Array, g: jax.Array, k: int, pad: int) -> jax.Array:
+  """Gradient of a convolution's (k, k, C_in, C_out) kernel, as k*k matmuls.
+
+  Autodiff gives XLA's kernel-gradient convolution (emitted on CPU as a plain loop
+  nest, several times slower than the forward convolution) or, for the shifted
+  sum, k*k broadcast-multiply-reduces. Here the input is transposed once to
+  (C_in, H, W, B) and the cotangent to (Ho, Wo, B, C_out), so that each tap's view
+  is a copy of whole rows of B floats and its matmul contracts one long axis:
+  dkernel[i, j] = view_ij (C_in, Ho*Wo*B) @ g (Ho*Wo*B, C_out). With the views in
+  (C_in, B, H, W) order instead, XLA copied each one element by element (an index
+  division per float), and those copies dominated the train step.
+
+  Args:
+    x: (B, H, W, C_in) convolution input.
+    g: (B, Ho, Wo, C_out) cotangent of the convolution output.
+  """
+  cin, cout = x.shape[-1], g.shape[-1]
+  gt = jnp.transpose(g, (1, 2, 0, 3)).reshape(-1, cout)
+  taps = [v.reshape(cin, -1) @ gt for v in _batch_last_patches(x, k, pad)]
+  return jnp.stack(taps).reshape(k, k, cin, cout)
+
+
+def _with_dot_kernel_grad(conv: Callable) -> Callable:
+  """`conv(x, kernel, pad)` whose kernel gradient is `_kernel_grad`; x's is conv's own."""
+  def fwd(x, kernel, pad):
+    return conv(x, kernel, pad), (x, kernel)
+
+  def bwd(pad, res, g):
+    x, kernel = res
+    dx = jax.vjp(lambda x: conv(x, kernel, pad), x)[1](g)[0]  # Dropped by XLA if unused.
+    return dx, _kernel_grad(x, g, kernel.shape[0], pad)
+
+  wrapped = jax.custom_vjp(conv, nondiff_argnums=(2,))
+  wrapped.defvjp(fwd, bwd)
+  return wrapped
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvImpl:
+  """One way to compute `Conv`: its function, how it meets the pool, what it is for.
+
+  Attributes:
+    forward: without `fuses_pool`, ``(x, kernel, pad) -> y``: (B, H, W, C_in) and a
+      (k, k, C_in, C_out) HWIO kernel to (B, Ho, Wo, C_out), Ho = H + 2 pad - k + 1;
+      with it, ``(x, kernel, pad, pool) -> y`` max-pooled as `max_pool_ceil` does
+      (no pool when `pool` is 1).
+    description: what it computes and why it exists, in one line.
+    fuses_pool: `forward` applies the max pool itself (in its own layout, or by
+      pooling phase); `Conv` adds the bias after it. Otherwise `Conv` adds the bias
+      and then pools.
+    needs_pool: defined only with a pool of 2 or more to fuse.
+  """
+  forward: Callable[..., jax.Array]
+  description: str
+  fuses_pool: bool = False
+  needs_pool: bool = False
+
+
+CONV_IMPLS: dict[str, ConvImpl] = {
+    "xla": ConvImpl(
+        _xla_conv,
+        "XLA's own convolution (lax.conv_general_dilated): the reference, and the choice "
+        "on GPU and TPU."),
+    "xla_channels_pad8": ConvImpl(
+        _channels_pad8_conv,
+        "XLA's convolution on C_in and C_out zero-padded to multiples of 8: XLA:CPU "
+        "vectorises channels in groups of 8 floats."),
+    "shifted_sum": ConvImpl(
+        _shifted_sum_conv,
+        "A sum of k*k shifted input views times each tap's matrix: avoids XLA:CPU's slow "
+        "one-input-channel convolution."),
+    "all_taps_matmul": ConvImpl(
+        _all_taps_matmul_conv,
+        "One matmul of the input by every tap's matrix, then k*k shifted slices summed: "
+        "avoids XLA:CPU's convolution overhead at batch 1."),
+    "im2col": ConvImpl(
+        _im2col_conv,
+        "The k*k shifted views concatenated on channels, then one matmul: faster than "
+        "XLA:CPU's convolution for narrow layers at small batches."),
+    "im2col_batch_last": ConvImpl(
+        _im2col_batch_last_conv_pool,
+        "im2col and pool with the batch axis last: whole-row copies and long matmul axes "
+        "for a one-input-channel layer in training.",
+        fuses_pool=True),
+    "pool_phase": ConvImpl(
+        functools.partial(_phase_conv_pool, im2col=False),
+        "Convolution and max pool together by pooling phase, each phase a shifted sum: "
+        "no full-resolution output is stored (inference).",
+        fuses_pool=True, needs_pool=True),
+    "pool_phase_im2col": ConvImpl(
+        functools.partial(_phase_conv_pool, im2col=True),
+        "pool_phase with each phase one im2col matmul: for the multi-channel layers "
+        "(inference).",
+        fuses_pool=True, needs_pool=True),
+}
+
+# How the kernel gradient of an implementation that does not fuse the pool is computed.
+KERNEL_GRADS: dict[str, str] = {
+    "autodiff": "JAX's derivative of the implementation's forward function.",
+    "dot": "k*k matmuls over batch-last shifted views (_kernel_grad): XLA:CPU's "
+           "kernel-gradient convolution is a slow loop nest.",
+}
+
+
+@functools.cache
+def _unpooled(impl: str, kernel_grad: str) -> Callable[[jax.Array, jax.Array, int], jax.Array]:
+  """The forward function of a non-pooling `CONV_IMPLS[impl]` with `kernel_grad`, built once."""
+  forward = CONV_IMPLS[impl].forward
+  return _with_dot_kernel_grad(forward) if kernel_grad == "dot" else forward
+
+
 class Conv(nn.Module):
   """Stride-1 square convolution with symmetric zero padding, optionally max-pooled.
 
@@ -246,9 +299,11 @@ class Conv(nn.Module):
     features: output channels.
     kernel_size: side of the square kernel.
     padding: zeros added on every side.
-    impl: one of `CONV_IMPLS`; the phase implementations need `pool` > 1.
+    impl: a `CONV_IMPLS` name; those with `needs_pool` need `pool` > 1.
+    kernel_grad: a `KERNEL_GRADS` name; "dot" only for implementations that do
+      not fuse the pool.
     pool: > 1: non-overlapping ceil-mode max pooling of this window after the
-      convolution (`max_pool_ceil`), fused with it in the phase implementations.
+      convolution (`max_pool_ceil`), fused with it where `ConvImpl.fuses_pool`.
     kernel_init: initialiser of the (k, k, C_in, C_out) kernel.
     param_dtype: dtype of the kernel and bias, as in Flax's own layers.
     dtype: computation dtype: input, kernel and bias are cast to it, as in Flax's
@@ -258,6 +313,7 @@ class Conv(nn.Module):
   kernel_size: int
   padding: int = 0
   impl: str = "xla"
+  kernel_grad: str = "autodiff"
   kernel_init: Callable = nn.initializers.lecun_normal()
   param_dtype: jnp.dtype = jnp.float32
   pool: int = 1
@@ -265,26 +321,25 @@ class Conv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """Maps (B, H, W, C_in) to (B, Ho, Wo, features), Ho = H + 2p - k + 1 (pooled: ceil(Ho / pool))."""
+    """(B, H, W, C_in) -> (B, Ho, Wo, features), Ho = H + 2p - k + 1 (pooled: ceil(Ho / pool))."""
+    impl = CONV_IMPLS.get(self.impl)
+    if impl is None:
+      raise ValueError(f"Unknown conv impl {self.impl!r}; expected one of {tuple(CONV_IMPLS)}.")
+    if self.kernel_grad not in KERNEL_GRADS:
+      raise ValueError(f"Unknown kernel_grad {self.kernel_grad!r}; expected one of "
+                       f"{tuple(KERNEL_GRADS)}.")
+    if impl.needs_pool and self.pool < 2:
+      raise ValueError(f"Conv impl {self.impl!r} fuses a max pool: it needs pool >= 2.")
+    if impl.fuses_pool and self.kernel_grad != "autodiff":
+      raise ValueError(f"Conv impl {self.impl!r} fuses the pool: its kernel gradient can "
+                       f"only be 'autodiff', not {self.kernel_grad!r}.")
     k, cin = self.kernel_size, x.shape[-1]
     kernel = self.param("kernel", self.kernel_init, (k, k, cin, self.features), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
     x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
-    if self.impl in PHASE_IMPLS:
-      if self.pool < 2:
-        raise ValueError(f"Conv impl {self.impl!r} fuses a max pool: it needs pool >= 2.")
-      return _phase_conv_pool(x, kernel, self.padding, self.pool,
-                              self.impl == "phase_im2col") + bias
-    if self.impl == "batch_minor":
-      return _batch_minor_conv_pool(x, kernel, self.padding, self.pool) + bias
-    if self.impl == "im2col":
-      cols = jnp.concatenate(_patches(x, k, self.padding), axis=-1)
-      y = cols @ kernel.reshape(k * k * cin, self.features)
-    elif self.impl in _CONVS:
-      y = _CONVS[self.impl](x, kernel, self.padding)
-    else:
-      raise ValueError(f"Unknown conv impl {self.impl!r}; expected one of {CONV_IMPLS}.")
-    y = y + bias
+    if impl.fuses_pool:
+      return impl.forward(x, kernel, self.padding, self.pool) + bias
+    y = _unpooled(self.impl, self.kernel_grad)(x, kernel, self.padding) + bias
     return max_pool_ceil(y, self.pool) if self.pool > 1 else y
 
 
@@ -306,8 +361,7 @@ def max_pool_ceil(x: jax.Array, window: int = 2) -> jax.Array:
   """Non-overlapping max pooling that rounds its output size up (Chainer's cover_all).
 
   A reshape and a max rather than `nn.max_pool`: the gradient of XLA's
-  reduce_window is select_and_scatter, 5-10x slower on CPU than this gradient
-  (B-LeNet's joint train step at batch 512 ran 15-20% faster).
+  reduce_window is select_and_scatter, several times slower on CPU than this one.
   The gradient routes each output's cotangent to the first maximum of its window
   in row-major order, exactly as select_and_scatter does, ties included.
 

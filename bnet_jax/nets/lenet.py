@@ -21,43 +21,46 @@ from bnet_jax.nets import layers
 from bnet_jax.nets.core import Network, Stage
 
 
-def _conv_pool_relu(features: int, kernel: int, padding: int, impl: str, dtype: Any,
-                    x: jax.Array) -> jax.Array:
-  """Conv, ceil max pool 2, ReLU; the pool is fused into the phase implementations."""
-  return nn.relu(layers.Conv(features, kernel, padding=padding, impl=impl, pool=2,
-                             dtype=dtype)(x))
+def _conv_pool_relu(features: int, kernel: int, padding: int, impl: str, kernel_grad: str,
+                    dtype: Any, x: jax.Array) -> jax.Array:
+  """Conv, ceil max pool 2, ReLU; the pool is fused into the implementations that fuse it."""
+  return nn.relu(layers.Conv(features, kernel, padding=padding, impl=impl,
+                             kernel_grad=kernel_grad, pool=2, dtype=dtype)(x))
 
 
 class Stage1(nn.Module):
   """(B, 28, 28, 1) -> (B, 15, 15, 5)."""
   conv_impl: str
+  conv_kernel_grad: str = "autodiff"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    return _conv_pool_relu(5, 5, 3, self.conv_impl, self.dtype, x)
+    return _conv_pool_relu(5, 5, 3, self.conv_impl, self.conv_kernel_grad, self.dtype, x)
 
 
 class Exit1(nn.Module):
   """(B, 15, 15, 5) -> (B, 10) logits."""
   conv_impl: str
+  conv_kernel_grad: str = "autodiff"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h: jax.Array, train: bool = False) -> jax.Array:
-    h = _conv_pool_relu(10, 3, 1, self.conv_impl, self.dtype, h)
+    h = _conv_pool_relu(10, 3, 1, self.conv_impl, self.conv_kernel_grad, self.dtype, h)
     return nn.Dense(10, dtype=self.dtype)(h.reshape(h.shape[0], -1))
 
 
 class Stage2(nn.Module):
   """(B, 15, 15, 5) -> (B, 84)."""
   conv_impl: str
+  conv_kernel_grad: str = "autodiff"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h: jax.Array, train: bool = False) -> jax.Array:
-    h = _conv_pool_relu(10, 5, 3, self.conv_impl, self.dtype, h)
-    h = _conv_pool_relu(20, 5, 3, self.conv_impl, self.dtype, h)
+    h = _conv_pool_relu(10, 5, 3, self.conv_impl, self.conv_kernel_grad, self.dtype, h)
+    h = _conv_pool_relu(20, 5, 3, self.conv_impl, self.conv_kernel_grad, self.dtype, h)
     return nn.Dense(84, dtype=self.dtype)(h.reshape(h.shape[0], -1))
 
 
@@ -71,7 +74,9 @@ class MainExit(nn.Module):
 
 
 def b_lenet(conv1_impl: str = "xla", conv_impl: str = "xla", exit_conv_impl: str | None = None,
-            dtype: Any = "float32") -> Network:
+            dtype: Any = "float32", *, conv1_kernel_grad: str = "autodiff",
+            conv_kernel_grad: str = "autodiff", exit_conv_kernel_grad: str | None = None
+            ) -> Network:
   """B-LeNet for MNIST-sized input.
 
   `nets.get` fills the layer implementations per platform (`nets.resolve_options`):
@@ -79,17 +84,25 @@ def b_lenet(conv1_impl: str = "xla", conv_impl: str = "xla", exit_conv_impl: str
   fastest for inference by batch size.
 
   Args:
-    conv1_impl: implementation of the one-input-channel first convolution (see
-      `layers.CONV_IMPLS`).
+    conv1_impl: implementation of the one-input-channel first convolution (a
+      `layers.CONV_IMPLS` name).
     conv_impl: implementation of the other trunk convolutions.
-    exit_conv_impl: implementation of exit 1's convolution (default: `conv_impl`).
+    exit_conv_impl: implementation of exit 1's convolution (None: `conv_impl`).
     dtype: computation dtype of every layer (parameters stay float32).
+    conv1_kernel_grad: how conv1's kernel gradient is computed (a
+      `layers.KERNEL_GRADS` name).
+    conv_kernel_grad: the same for the other trunk convolutions.
+    exit_conv_kernel_grad: the same for exit 1's convolution (None:
+      `conv_kernel_grad` if `exit_conv_impl` is None too, else "autodiff").
   """
   dtype = jnp.dtype(dtype)
+  exit_grad = exit_conv_kernel_grad or (conv_kernel_grad if exit_conv_impl is None
+                                        else "autodiff")
   return Network(
       name="b_lenet",
-      stages=(Stage(Stage1(conv1_impl, dtype), Exit1(exit_conv_impl or conv_impl, dtype)),
-              Stage(Stage2(conv_impl, dtype), MainExit(dtype))),
+      stages=(Stage(Stage1(conv1_impl, conv1_kernel_grad, dtype),
+                    Exit1(exit_conv_impl or conv_impl, exit_grad, dtype)),
+              Stage(Stage2(conv_impl, conv_kernel_grad, dtype), MainExit(dtype))),
       input_shape=(28, 28, 1),
       num_classes=10)
 

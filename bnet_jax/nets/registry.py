@@ -1,6 +1,7 @@
 """Networks by name. A new family registers its constructors here."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from bnet_jax.nets import alexnet, lenet, resnet
 from bnet_jax.nets.core import Network
@@ -8,51 +9,120 @@ from bnet_jax.nets.core import Network
 _REGISTRY: dict[str, Callable[..., Network]] = {
     "b_lenet": lenet.b_lenet,
     "lenet": lenet.lenet,
-    "b_alexnet": alexnet.b_alexnet,  # Options: placement ("code" | "paper"), conv_impl.
+    "b_alexnet": alexnet.b_alexnet,  # Options: placement ("code" | "paper"), conv_*.
     "alexnet": alexnet.alexnet,
-    "b_resnet": resnet.b_resnet,  # Options: depth (6n+2, default 110), placement, conv_impl.
+    "b_resnet": resnet.b_resnet,  # Options: depth (6n+2, default 110), placement, conv_*.
     "resnet": resnet.resnet,
 }
 
 AUTO = "auto"
 
-# The layer-implementation options of each network ("auto" by default in configs).
+# The layer-implementation options of each network that "auto" (or absence) chooses;
+# configs give "auto". Each "<conv>_impl" (a `layers.CONV_IMPLS` name) is chosen with
+# its "<conv>_kernel_grad" (a `layers.KERNEL_GRADS` name, `_kernel_grad_field`).
 _IMPL_FIELDS: dict[str, tuple[str, ...]] = {
-    "b_lenet": ("conv1_impl", "conv_impl"),  # exit_conv_impl follows conv_impl unless given.
+    "b_lenet": ("conv1_impl", "conv_impl"),
     "lenet": ("conv1_impl", "conv_impl"),
     "b_alexnet": ("conv_impl",),
     "alexnet": ("conv_impl",),
     "b_resnet": ("conv_impl",),
     "resnet": ("conv_impl",),
 }
+# Implementation options that "auto" leaves alone: unless given, they follow another
+# (exit 1's convolution follows conv_impl and conv_kernel_grad).
+_FOLLOWING_FIELDS: dict[str, tuple[str, ...]] = {
+    "b_lenet": ("exit_conv_impl",),
+    "lenet": ("exit_conv_impl",),
+}
 
 # Measured choices, by platform then network: "train" for the joint train step,
-# "inference" as (largest batch, options) tiers, the last for every larger batch.
-# Measured on a 2-core CPU only (docs/performance.md): B-LeNet's conv1 by pooling phase
-# or batch-last im2col avoids XLA:CPU's slow one-input-channel convolution; "tapwise"
-# wins at batch 1, channel padding ("xla_pad8") from batch 2, pooling-phase im2col for
-# the small buckets of samples that continue past exit 1. Platforms and networks
-# without an entry get XLA's own convolution ("xla": cuDNN on GPU, the matrix units on TPU).
+# "inference" as (largest batch, options) tiers, the last for every larger batch;
+# options not named are "xla" with "autodiff". Measured on CPU only (docs/performance.md):
+# B-LeNet's conv1 by pooling phase or batch-last im2col avoids XLA:CPU's slow
+# one-input-channel convolution; the all-taps matmul wins at batch 1, channel padding
+# from batch 2, pooling-phase im2col for the small buckets of samples that continue past
+# exit 1; the "dot" kernel gradient avoids XLA:CPU's slow kernel-gradient convolution.
+# Platforms and networks without an entry get XLA's own convolution ("xla": cuDNN on GPU,
+# the matrix units on TPU).
 _MEASURED: dict[str, dict[str, dict]] = {
     "cpu": {
         "b_lenet": {
-            "train": {"conv1_impl": "batch_minor", "conv_impl": "xla_pad8_dotgrad"},
+            "train": {"conv1_impl": "im2col_batch_last", "conv_impl": "xla_channels_pad8",
+                      "conv_kernel_grad": "dot"},
             "inference": (
-                (1, {"conv1_impl": "phase", "exit_conv_impl": "tapwise", "conv_impl": "tapwise"}),
-                (2, {"conv1_impl": "phase", "exit_conv_impl": "xla", "conv_impl": "xla_pad8"}),
-                (64, {"conv1_impl": "phase", "exit_conv_impl": "xla",
-                      "conv_impl": "phase_im2col"}),
-                (None, {"conv1_impl": "phase", "exit_conv_impl": "xla", "conv_impl": "xla_pad8"}),
+                (1, {"conv1_impl": "pool_phase", "exit_conv_impl": "all_taps_matmul",
+                     "conv_impl": "all_taps_matmul"}),
+                (2, {"conv1_impl": "pool_phase", "exit_conv_impl": "xla",
+                     "conv_impl": "xla_channels_pad8"}),
+                (64, {"conv1_impl": "pool_phase", "exit_conv_impl": "xla",
+                      "conv_impl": "pool_phase_im2col"}),
+                (None, {"conv1_impl": "pool_phase", "exit_conv_impl": "xla",
+                        "conv_impl": "xla_channels_pad8"}),
             ),
         },
     },
 }
-_MEASURED["cpu"]["lenet"] = {
+_MEASURED["cpu"]["lenet"] = {  # B-LeNet's choices without exit 1's.
     "train": {k: v for k, v in _MEASURED["cpu"]["b_lenet"]["train"].items()
-              if k in _IMPL_FIELDS["lenet"]},
-    "inference": tuple((b, {k: v for k, v in o.items() if k in _IMPL_FIELDS["lenet"]})
+              if not k.startswith("exit_")},
+    "inference": tuple((b, {k: v for k, v in o.items() if not k.startswith("exit_")})
                        for b, o in _MEASURED["cpu"]["b_lenet"]["inference"]),
 }
+
+# Implementation names from before the kernel gradient was an option of its own, as
+# older configs and workdirs (config.json, runs.json) hold them: old name -> (name, the
+# kernel gradient the old name implied).
+_RENAMED: dict[str, tuple[str, str]] = {
+    "shifted": ("shifted_sum", "autodiff"),
+    "tapwise": ("all_taps_matmul", "autodiff"),
+    "batch_minor": ("im2col_batch_last", "autodiff"),
+    "xla_pad8": ("xla_channels_pad8", "autodiff"),
+    "xla_dotgrad": ("xla", "dot"),
+    "shifted_dotgrad": ("shifted_sum", "dot"),
+    "xla_pad8_dotgrad": ("xla_channels_pad8", "dot"),
+    "phase": ("pool_phase", "autodiff"),
+    "phase_im2col": ("pool_phase_im2col", "autodiff"),
+}
+
+
+def _kernel_grad_field(impl_field: str) -> str:
+  """The kernel-gradient option of an implementation option: "conv_impl" -> "conv_kernel_grad"."""
+  return impl_field.removesuffix("_impl") + "_kernel_grad"
+
+
+def canonical_options(name: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+  """`options` with every old implementation name replaced by its name and kernel gradient.
+
+  Configs and workdirs written before the kernel gradient became an option of its own
+  name implementations such as "xla_pad8_dotgrad"; this maps each implementation
+  option "<conv>_impl" of network `name` that holds such a name to the current name,
+  and sets "<conv>_kernel_grad" to the gradient the old name implied, so they build the
+  same network. Current names, "auto" and every other option pass unchanged.
+  `nets.get` and `resolve_options` apply it.
+
+  Args:
+    name: a network name (an unregistered one has no implementation options).
+    options: its keyword options (e.g. a config's or runs.json's ``model_options``).
+
+  Returns:
+    A new dict, e.g. {"conv_impl": "xla_pad8_dotgrad"} -> {"conv_impl":
+    "xla_channels_pad8", "conv_kernel_grad": "dot"}.
+
+  Raises:
+    ValueError: an old name with a different kernel gradient given beside it.
+  """
+  options = dict(options or {})
+  for field in _IMPL_FIELDS.get(name, ()) + _FOLLOWING_FIELDS.get(name, ()):
+    value = options.get(field)
+    if not (isinstance(value, str) and value in _RENAMED):
+      continue
+    impl, grad = _RENAMED[value]
+    grad_field = _kernel_grad_field(field)
+    if options.get(grad_field, AUTO) not in (AUTO, grad):
+      raise ValueError(f"{field}={value!r} implies {grad_field}={grad!r}, but "
+                       f"{grad_field}={options[grad_field]!r} is given.")
+    options.update({field: impl, grad_field: grad})
+  return options
 
 
 def platform() -> str:
@@ -62,9 +132,11 @@ def platform() -> str:
 
 
 def _choices(name: str, platform_name: str, batch_size: int | None) -> dict[str, str]:
-  """Every implementation field of `name` as chosen for a platform and batch."""
+  """Every implementation and kernel-gradient field of `name` as chosen for a platform and batch."""
   measured = _MEASURED.get(platform_name, {}).get(name)
-  chosen = {field: "xla" for field in _IMPL_FIELDS.get(name, ())}
+  chosen = {}
+  for field in _IMPL_FIELDS.get(name, ()):
+    chosen.update({field: "xla", _kernel_grad_field(field): "autodiff"})
   if measured is None:
     return chosen
   if batch_size is None:
@@ -80,7 +152,9 @@ def resolve_options(name: str, options: dict | None = None, *, platform_name: st
   """`options` with each layer-implementation field that is "auto" or absent chosen.
 
   Only implementations are chosen; they never change parameters, so a checkpoint
-  runs with any of them.
+  runs with any of them. Old implementation names are mapped first
+  (`canonical_options`). A kernel gradient that is "auto" or absent is chosen with
+  its implementation; beside an implementation that is given, it is "autodiff".
 
   Args:
     name: a registered network name.
@@ -89,19 +163,28 @@ def resolve_options(name: str, options: dict | None = None, *, platform_name: st
     batch_size: choose for inference at this batch (None: for training).
 
   Returns:
-    A new dict: `options` with every implementation field set explicitly.
+    A new dict: `options` with every implementation and kernel-gradient field set
+    explicitly.
   """
-  options = dict(options or {})
-  fields = [f for f in _IMPL_FIELDS.get(name, ()) if options.get(f, AUTO) == AUTO]
-  if fields:
-    chosen = _choices(name, platform_name or platform(), batch_size)
-    options.update({f: chosen[f] for f in fields})
+  options = canonical_options(name, options)
+  chosen = None
+  for field in _IMPL_FIELDS.get(name, ()):
+    grad_field = _kernel_grad_field(field)
+    if options.get(field, AUTO) == AUTO:
+      chosen = chosen or _choices(name, platform_name or platform(), batch_size)
+      options[field] = chosen[field]
+      if options.get(grad_field, AUTO) == AUTO:
+        options[grad_field] = chosen[grad_field]
+    elif options.get(grad_field, AUTO) == AUTO:
+      options[grad_field] = "autodiff"
   return options
 
 
 def inference_options(name: str, batch_size: int | None = None,
                       platform_name: str | None = None) -> dict[str, str]:
   """The fastest known layer implementations for inference with `name` (every field).
+
+  Kernel gradients are "autodiff": inference computes none.
 
   Args:
     name: a registered network name.
@@ -121,7 +204,7 @@ def get(name: str, **options) -> Network:
   """Builds the network registered as `name` with its keyword `options`.
 
   Layer-implementation options that are "auto" or not given are chosen for training
-  on the running platform (`resolve_options`).
+  on the running platform, and old implementation names mapped (`resolve_options`).
   """
   if name not in _REGISTRY:
     raise ValueError(f"Unknown model {name!r}; registered models: {names()}.")

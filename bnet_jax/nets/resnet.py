@@ -51,9 +51,12 @@ def _batch_norm(train: bool, name: str, dtype: Any) -> nn.BatchNorm:
                       name=name)
 
 
-def _conv3x3(features: int, stride: int, name: str, impl: str, dtype: Any) -> nn.Module:
+def _conv3x3(features: int, stride: int, name: str, module: nn.Module) -> nn.Module:
+  """A 3x3 pad-1 He-normal conv: `module`'s implementation if stride 1, else Flax's."""
+  dtype = module.dtype
   if stride == 1:
-    return layers.Conv(features, 3, padding=1, impl=impl, kernel_init=_he_normal, dtype=dtype,
+    return layers.Conv(features, 3, padding=1, impl=module.conv_impl,
+                       kernel_grad=module.conv_kernel_grad, kernel_init=_he_normal, dtype=dtype,
                        name=name)
   return nn.Conv(features, (3, 3), strides=stride, padding=1, kernel_init=_he_normal,
                  dtype=dtype, name=name)
@@ -68,13 +71,14 @@ class ResBlock(nn.Module):
   features: int
   stride: int = 1
   conv_impl: str = "xla"
+  conv_kernel_grad: str = "autodiff"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    h = _conv3x3(self.features, self.stride, "conv1", self.conv_impl, self.dtype)(x)
+    h = _conv3x3(self.features, self.stride, "conv1", self)(x)
     h = nn.relu(_batch_norm(train, "bn1", self.dtype)(h))
-    h = _conv3x3(self.features, 1, "conv2", self.conv_impl, self.dtype)(h)
+    h = _conv3x3(self.features, 1, "conv2", self)(h)
     h = _batch_norm(train, "bn2", self.dtype)(h)
     if x.shape != h.shape:  # Option A: subsample, prepend zero channels; no parameters.
       x = x[:, ::self.stride, ::self.stride]
@@ -90,22 +94,25 @@ class Trunk(nn.Module):
     blocks: (features, stride) of each residual block, in order.
     pool: end with the 6x6 stride-1 average pool and flatten: (B, 8, 8, 64) -> (B, 576).
     conv_impl: implementation of the stride-1 convolutions (`layers.CONV_IMPLS`).
+    conv_kernel_grad: how their kernel gradients are computed (`layers.KERNEL_GRADS`).
     dtype: computation dtype.
   """
   stem: bool
   blocks: tuple[tuple[int, int], ...]
   pool: bool
   conv_impl: str = "xla"
+  conv_kernel_grad: str = "autodiff"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if self.stem:
-      x = layers.Conv(16, 3, padding=0, impl=self.conv_impl, kernel_init=_he_normal,
-                      dtype=self.dtype, name="stem_conv")(x)
+      x = layers.Conv(16, 3, padding=0, impl=self.conv_impl, kernel_grad=self.conv_kernel_grad,
+                      kernel_init=_he_normal, dtype=self.dtype, name="stem_conv")(x)
       x = nn.relu(_batch_norm(train, "stem_bn", self.dtype)(x))
     for i, (features, stride) in enumerate(self.blocks):
-      x = ResBlock(features, stride, self.conv_impl, self.dtype, name=f"block{i}")(x, train)
+      x = ResBlock(features, stride, self.conv_impl, self.conv_kernel_grad, self.dtype,
+                   name=f"block{i}")(x, train)
     if self.pool:
       # Sums of 36 activations: float32 even in a bfloat16 network.
       x = _flatten(nn.avg_pool(x.astype(jnp.float32), (6, 6), strides=(1, 1))).astype(x.dtype)
@@ -115,11 +122,13 @@ class Trunk(nn.Module):
 class Exit1(nn.Module):
   """(B, 30, 30, 16) -> (B, 10): conv 5x5 64, ReLU, LRN, conv 32 + ReLU, conv 32 + ReLU, FC."""
   conv_impl: str = "xla"
+  conv_kernel_grad: str = "autodiff"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    conv = functools.partial(layers.Conv, impl=self.conv_impl, dtype=self.dtype)
+    conv = functools.partial(layers.Conv, impl=self.conv_impl, kernel_grad=self.conv_kernel_grad,
+                             dtype=self.dtype)
     x = paper_lrn(nn.relu(conv(64, 5, padding=2, name="conv1")(x)))
     x = nn.relu(conv(32, 3, padding=1, name="conv2")(x))
     x = nn.relu(conv(32, 3, padding=1, name="conv3")(x))
@@ -129,11 +138,12 @@ class Exit1(nn.Module):
 class Exit2(nn.Module):
   """(B, 30, 30, 16) -> (B, 10): one residual block 16->16, FC 14400->10."""
   conv_impl: str = "xla"
+  conv_kernel_grad: str = "autodiff"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = ResBlock(16, 1, self.conv_impl, self.dtype, name="block")(x, train)
+    x = ResBlock(16, 1, self.conv_impl, self.conv_kernel_grad, self.dtype, name="block")(x, train)
     return nn.Dense(10, dtype=self.dtype, name="fc")(_flatten(x))
 
 
@@ -159,16 +169,18 @@ def _name(prefix: str, depth: int, placement: str) -> str:
 
 
 def b_resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla",
-             dtype: Any = "float32") -> Network:
+             dtype: Any = "float32", *, conv_kernel_grad: str = "autodiff") -> Network:
   """B-ResNet for CIFAR-10.
 
   Args:
     depth: 6n + 2 (110 as in the paper; 20, 32, 56 are standard smaller ones; 8 is
       the smallest, handy in tests; "paper" placement needs 14 or more).
     placement: "code" (exit 1 after the stem) or "paper" (after the first block).
-    conv_impl: implementation of the stride-1 convolutions (see `layers.CONV_IMPLS`).
+    conv_impl: implementation of the stride-1 convolutions (a `layers.CONV_IMPLS` name).
     dtype: computation dtype of every layer (parameters and BatchNorm statistics
       stay float32).
+    conv_kernel_grad: how their kernel gradients are computed (a `layers.KERNEL_GRADS`
+      name).
 
   Returns:
     A 3-exit `Network` named "b_resnet{depth}" ("b_resnet{depth}_paper").
@@ -182,17 +194,17 @@ def b_resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla",
   first = 1 if placement == "paper" else 0  # Blocks at 16 channels before exit 1.
   stage = lambda features: tuple((features, 2 if i == 0 and features > 16 else 1)
                                  for i in range(n))
-  d = jnp.dtype(dtype)
-  trunk = functools.partial(Trunk, conv_impl=conv_impl, dtype=d)
-  stages = (Stage(trunk(True, stage(16)[:first], False), Exit1(conv_impl, d)),
-            Stage(trunk(False, stage(16)[first:], False), Exit2(conv_impl, d)),
-            Stage(trunk(False, stage(32) + stage(64), True), MainExit(d)))
+  convs = dict(conv_impl=conv_impl, conv_kernel_grad=conv_kernel_grad, dtype=jnp.dtype(dtype))
+  trunk = functools.partial(Trunk, **convs)
+  stages = (Stage(trunk(True, stage(16)[:first], False), Exit1(**convs)),
+            Stage(trunk(False, stage(16)[first:], False), Exit2(**convs)),
+            Stage(trunk(False, stage(32) + stage(64), True), MainExit(convs["dtype"])))
   return Network(name=_name("b_resnet", depth, placement), stages=stages,
                  input_shape=(32, 32, 3), num_classes=10)
 
 
 def resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla",
-           dtype: Any = "float32") -> Network:
+           dtype: Any = "float32", *, conv_kernel_grad: str = "autodiff") -> Network:
   """ResNet: B-ResNet's trunk and main exit, parameters named as in B-ResNet."""
-  return b_resnet(depth, placement, conv_impl, dtype).main_network(
-      name=_name("resnet", depth, placement))
+  return b_resnet(depth, placement, conv_impl, dtype, conv_kernel_grad=conv_kernel_grad
+                  ).main_network(name=_name("resnet", depth, placement))
