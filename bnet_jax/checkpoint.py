@@ -168,7 +168,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None
 def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
   """Restores checkpoint `step` into the structure, shapes and dtypes of `target`."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+  return mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract)))["state"]
 
 
 class Trained(NamedTuple):
@@ -282,20 +283,22 @@ def runs(workdir: str) -> list[dict]:
 
 
 def record_run(workdir: str, start_step: int, net: nets.Network, model_options: dict,
-               compute_dtype: str, data_dir: str) -> dict:
+               compute_dtype: str, data_dir: str, steps_per_epoch: int, warmup_steps: int
+               ) -> dict:
   """Appends this run's resolved choices and environment to ``workdir/runs.json``.
 
   What "auto" became on this platform is recorded here, beside config.json, which
-  keeps the user's fields as given; so is the absolute TFDS `data_dir` it read
-  (`read_config` falls back to it). Process 0 writes; a resumed run (on any
-  backend) appends its own entry.
+  keeps the user's fields as given; so are the absolute TFDS `data_dir` it read
+  (`read_config` falls back to it) and the steps its epochs and warmup came to.
+  Process 0 writes; a resumed run (on any backend) appends its own entry.
 
   Returns:
     The entry.
   """
   entry = {"start_step": int(start_step), "network": net.name, "time": _utc_now(),
            "model_options": dict(model_options), "compute_dtype": compute_dtype,
-           "data_dir": data_dir, "xla_compiler_options": runtime.compiler_options(),
+           "data_dir": data_dir, "steps_per_epoch": int(steps_per_epoch),
+           "warmup_steps": int(warmup_steps), "xla_compiler_options": runtime.compiler_options(),
            **environment()}
   if jax.process_index() == 0:
     write_json(os.path.join(workdir, RUNS_FILE), {"runs": runs(workdir) + [entry]})

@@ -11,7 +11,8 @@ from (seed, step).
 A config's fields are of two kinds (`TRAINING_FIELDS`, `RUN_CONTROL_FIELDS`). On
 resume, a changed training-defining field is refused (`ConfigChangeError`) unless
 ``allow_config_change`` is set, except more epochs, which train further; accepted
-changes are appended to ``workdir/config_history.json``.
+changes are appended to ``workdir/config_history.json``. A config.json written before a
+field was renamed is read in today's form first (`migrate_config`).
 """
 
 from __future__ import annotations
@@ -33,24 +34,24 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from bnet_jax import (augment, checkpoint, data, evaluate, losses, nets, parallel, progress, runtime,
-                      summary)
+from bnet_jax import (augment, checkpoint, data, evaluate, losses, nets, parallel, progress,
+                      runtime, summary)
 
 
 # Fields that define what training computes: a checkpoint continues only under the
 # same values (more epochs excepted). Every model option but a layer implementation
-# ("model_options.*_impl", run control) is here: depth, exit placement.
+# ("model_options.*_impl", "*_kernel_grad": run control) is here: depth, exit placement.
 TRAINING_FIELDS = ("model", "model_options", "dataset", "seed", "batch_size", "main_epochs",
                    "joint_epochs", "loss_weights", "optimizer", "learning_rate", "momentum",
-                   "beta1", "beta2", "weight_decay", "lr_schedule", "warmup_steps", "augment",
+                   "beta1", "beta2", "weight_decay", "lr_schedule", "warmup_epochs", "augment",
                    "max_shift", "num_validation")
 # Fields that say how this run executes, free to change on resume. compute_dtype is
 # here although bfloat16 changes the numerics: parameters and optimizer state stay
 # float32 whatever it is, and "auto" resolves per platform, so resuming a CPU run on
 # a TPU (bfloat16) must not be refused; runs.json records what each run used.
-RUN_CONTROL_FIELDS = ("model_options.*_impl", "compute_dtype", "data_dir", "download",
-                      "eval_batch_size", "checkpoint_every_epochs", "keep_checkpoints",
-                      "halt_after_steps", "allow_config_change")
+RUN_CONTROL_FIELDS = ("model_options.*_impl", "model_options.*_kernel_grad", "compute_dtype",
+                      "data_dir", "download", "eval_batch_size", "checkpoint_every_epochs",
+                      "keep_checkpoints", "halt_after_steps", "allow_config_change")
 _EPOCH_FIELDS = ("main_epochs", "joint_epochs")
 
 
@@ -66,12 +67,12 @@ def is_training_field(name: str) -> bool:
   return not any(fnmatch.fnmatchcase(name, p) for p in RUN_CONTROL_FIELDS)
 
 
-def _flatten(fields: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_fields(fields: dict, prefix: str = "") -> dict[str, Any]:
   """{"a": {"b": 1}} -> {"a.b": 1}; lists and tuples are values."""
   flat = {}
   for k, v in fields.items():
     if isinstance(v, dict):
-      flat.update(_flatten(v, f"{prefix}{k}."))
+      flat.update(flatten_fields(v, f"{prefix}{k}."))
     else:
       flat[f"{prefix}{k}"] = v
   return flat
@@ -79,16 +80,17 @@ def _flatten(fields: dict, prefix: str = "") -> dict[str, Any]:
 
 def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
   """{dotted field: (old, new)} for every field whose JSON value differs (absent: None)."""
-  a, b = _flatten(old), _flatten(new)
+  a, b = flatten_fields(old), flatten_fields(new)
   return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def _config_fields(config: ml_collections.ConfigDict) -> dict:
+def config_fields(config: ml_collections.ConfigDict) -> dict:
   """The config as config.json holds it (tuples as lists)."""
   return json.loads(config.to_json_best_effort())
 
 
 def _saved_config(workdir: str) -> dict | None:
+  """The workdir's config.json fields as written (None: no config.json)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return None
@@ -102,15 +104,41 @@ def _needing_override(changes: dict[str, tuple[Any, Any]]) -> dict[str, tuple[An
   return {k: v for k, v in changes.items() if is_training_field(k) and k not in _EPOCH_FIELDS}
 
 
+def migrate_config(old: dict, config: ml_collections.ConfigDict, steps_per_epoch: int
+                   ) -> dict:
+  """A workdir's config.json fields `old` in today's form, so that an equivalent config
+  is no change.
+
+  config.json written before ``warmup_epochs`` holds ``warmup_steps``: that becomes
+  ``config.warmup_epochs`` if it gives as many steps at this run's `steps_per_epoch`
+  (the old run's too, unless batch_size changed), else warmup_steps / steps_per_epoch.
+  """
+  if "warmup_steps" not in old:
+    return old
+  fields = {k: v for k, v in old.items() if k != "warmup_steps"}
+  same = num_warmup_steps(config, steps_per_epoch) == old["warmup_steps"]
+  fields["warmup_epochs"] = (config.warmup_epochs if same else
+                             old["warmup_steps"] / steps_per_epoch)
+  return fields
+
+
+def _canonical(fields: dict) -> dict:
+  """`fields` with the network options spelled canonically (an old layer-implementation
+  name as its current equivalent), so that a renamed option is no change."""
+  return {**fields,
+          "model_options": nets.canonical_options(fields["model"], fields["model_options"])}
+
+
 def check_config_change(old: dict, config: ml_collections.ConfigDict, step: int
                         ) -> dict[str, tuple[Any, Any]]:
-  """The changes from checkpoint `step`'s config.json fields `old` to `config`.
+  """The changes from checkpoint `step`'s config.json fields `old` (`migrate_config`d) to
+  `config`, network options compared as `nets.canonical_options` spells them.
 
   Raises:
     ConfigChangeError: a training-defining field other than the epochs differs and
       ``config.allow_config_change`` is False; the message lists each (old -> new).
   """
-  changes = config_changes(old, _config_fields(config))
+  changes = config_changes(_canonical(old), _canonical(config_fields(config)))
   refused = _needing_override(changes)
   if refused and not config.allow_config_change:
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
@@ -138,7 +166,7 @@ def check_epoch_change(old: dict, config: ml_collections.ConfigDict, step: int,
       once the checkpoint is past the main phase of the old or the new schedule
       (the phase boundary would move under it).
   """
-  new = _config_fields(config)
+  new = config_fields(config)
   if all(old.get(k) == new[k] for k in _EPOCH_FIELDS):
     return None
   listed = ", ".join(f"{k} {old.get(k)} -> {new[k]}" for k in _EPOCH_FIELDS
@@ -164,7 +192,8 @@ def check_epoch_change(old: dict, config: ml_collections.ConfigDict, step: int,
   line = f"{listed}: training continues from step {step} to step {total}"
   if step == first or old_len == new_len:
     return f"{line}; the {'joint' if in_joint else 'main'} phase runs as scheduled."
-  old_lr, new_lr = learning_rate(config, old_len), learning_rate(config, new_len)
+  warmup = num_warmup_steps(config, steps_per_epoch)
+  old_lr, new_lr = learning_rate(config, old_len, warmup), learning_rate(config, new_len, warmup)
   if not callable(new_lr):
     return f"{line}; the constant learning rate just continues."
   return (f"{line}; the cosine schedule of the {'joint' if in_joint else 'main'} phase now spans "
@@ -177,7 +206,7 @@ def _saved_fields(old: dict, config: ml_collections.ConfigDict,
   """config.json after an accepted resume: the checkpoint's training-defining fields as
   they were (changed ones, accepted, replaced), the latest run-control fields."""
   saved = json.loads(json.dumps(old))
-  for name, value in _flatten(_config_fields(config)).items():
+  for name, value in flatten_fields(config_fields(config)).items():
     if name in changes or not is_training_field(name):
       *parents, leaf = name.split(".")
       node = saved
@@ -251,6 +280,10 @@ def validate_config(config: ml_collections.ConfigDict, net: nets.Network) -> Non
   need(config.weight_decay >= 0, "weight_decay must be >= 0.")
   need(config.lr_schedule in ("constant", "cosine"),
        f"lr_schedule must be 'constant' or 'cosine'; got {config.lr_schedule!r}.")
+  need("warmup_steps" not in config,
+       "warmup_steps is now warmup_epochs (converted to steps at the run's batch size); "
+       "set config.warmup_epochs instead.")
+  need(config.warmup_epochs >= 0, f"warmup_epochs must be >= 0; got {config.warmup_epochs}.")
   augment.get(config.augment)
   need(config.optimizer in ("adam", "sgd"),
        f"optimizer must be 'adam' or 'sgd'; got {config.optimizer!r}.")
@@ -260,22 +293,32 @@ def validate_config(config: ml_collections.ConfigDict, net: nets.Network) -> Non
        f"{data.spec(config.dataset).image_shape}.")
 
 
-def learning_rate(config: ml_collections.ConfigDict, num_steps: int) -> float | optax.Schedule:
-  """The phase's learning rate: a constant, or a warmup-cosine function of the phase's step."""
+def num_warmup_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """``config.warmup_epochs`` in steps of this run: epochs follow a changed batch_size."""
+  return round(config.warmup_epochs * steps_per_epoch)
+
+
+def learning_rate(config: ml_collections.ConfigDict, num_steps: int, warmup_steps: int = 0
+                  ) -> float | optax.Schedule:
+  """The phase's learning rate: a constant, or a warmup-cosine function of the phase's step.
+
+  `warmup_steps` (cosine only, at most the phase's length less one): `num_warmup_steps`.
+  """
   if config.lr_schedule == "cosine":
-    warmup = min(config.warmup_steps, max(num_steps - 1, 0))
+    warmup = min(warmup_steps, max(num_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup,
                                               max(num_steps, 1))
   return config.learning_rate
 
 
-def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-  """The phase's optimizer, with a constant or warmup-cosine learning rate.
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int, warmup_steps: int = 0
+                   ) -> optax.GradientTransformation:
+  """The phase's optimizer, with a constant or warmup-cosine learning rate (`learning_rate`).
 
   Adam (AdamW when `weight_decay` > 0), or Nesterov SGD with L2 weight decay added
   to the gradient (the usual ResNet recipe).
   """
-  lr = learning_rate(config, num_steps)
+  lr = learning_rate(config, num_steps, warmup_steps)
   if config.optimizer == "sgd":
     return optax.chain(optax.add_decayed_weights(config.weight_decay),
                        optax.sgd(lr, momentum=config.momentum, nesterov=True))
@@ -350,8 +393,10 @@ def _phase_at(phases: list[Phase], step: int) -> Phase:
   return next((p for p in phases if step < p.end_step), phases[-1])
 
 
-def _fresh_state(phase: Phase, tx: optax.GradientTransformation, variables: nets.Variables,
-                 step: int) -> TrainState:
+def initial_state(phase: Phase, tx: optax.GradientTransformation, variables: nets.Variables,
+                  step: int) -> TrainState:
+  """The train state at `step` of `phase`: `variables` and a fresh optimizer state for
+  the phase's trainable parameters (the template a checkpoint is restored into)."""
   params = variables["params"]
   return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
                     model_state={k: v for k, v in variables.items() if k != "params"},
@@ -383,7 +428,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config.json keeps the training-defining fields the checkpoint was trained with
   (updated only by an accepted change) and the latest run-control fields. "auto"
   layer implementations and ``config.compute_dtype`` are chosen for the running
-  platform; what they became, with the resolved TFDS data dir, is appended to
+  platform, and ``config.warmup_epochs`` becomes steps (`num_warmup_steps`); what they
+  became, with the resolved TFDS data dir and the steps per epoch, is appended to
   ``workdir/runs.json`` (`checkpoint.record_run`). Unless training stops early
   (`config.halt_after_steps`), ends by writing ``workdir/eval.json``:
   ``{"validation": {"num_examples", "accuracy_per_exit"}, "test": {...}}``.
@@ -412,8 +458,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Nothing is written before these checks pass.
   latest, unreadable = checkpoint.newest_intact(workdir)
   checkpoint.check_compatible(workdir, identity, latest)
-  old = None if latest is None else _saved_config(workdir)
-  changes = {} if old is None else check_config_change(old, config, latest)
   data_dir = data.resolve_data_dir(config.data_dir or None)
   splits = data.load_splits(config.dataset, config.num_validation, data_dir,
                             download=config.download,
@@ -421,6 +465,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_split = dataclasses.replace(
       splits["train"], images=data.preprocess(config.dataset, splits["train"].images))
   steps_per_epoch = _steps_per_epoch(train_split, config.batch_size, mesh)
+  warmup_steps = num_warmup_steps(config, steps_per_epoch)
+  saved = None if latest is None else _saved_config(workdir)
+  old = None if saved is None else migrate_config(saved, config, steps_per_epoch)
+  changes = {} if old is None else check_config_change(old, config, latest)
   epochs_line = None if old is None else check_epoch_change(old, config, latest, steps_per_epoch)
   phases = make_phases(config, net, steps_per_epoch)
   total_steps = phases[-1].end_step
@@ -434,21 +482,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     multihost_utils.sync_global_devices("bnet_jax.train: unreadable checkpoints set aside")
   if latest is None and unreadable:
     _report("No intact checkpoint: training starts from step 0.")
-  _write_config(workdir, _config_fields(config) if old is None else
+  _write_config(workdir, config_fields(config) if old is None else
                 _saved_fields(old, config, changes))
   if changes:
     checkpoint.record_config_change(workdir, latest, changes,
                                     override=bool(_needing_override(changes)))
   if epochs_line:
     _report(epochs_line)
-  checkpoint.record_run(workdir, latest or 0, net, options, dtype, data_dir)
+  checkpoint.record_run(workdir, latest or 0, net, options, dtype, data_dir, steps_per_epoch,
+                        warmup_steps)
 
   mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints)
   step = latest or 0
   if latest is not None:
     producer = _phase_at(phases, max(step - 1, 0))
-    state = checkpoint.restore(mngr, step, parallel.replicate(_fresh_state(
-        producer, make_optimizer(config, producer.num_steps), variables, step), mesh))
+    state = checkpoint.restore(mngr, step, parallel.replicate(initial_state(
+        producer, make_optimizer(config, producer.num_steps, warmup_steps), variables, step),
+        mesh))
     _report(f"Resumed from {workdir} at step {step}.")
   else:
     state = None
@@ -460,10 +510,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for phase in phases:
       if step >= phase.end_step or step >= halt:
         continue
-      tx = make_optimizer(config, phase.num_steps)
+      tx = make_optimizer(config, phase.num_steps, warmup_steps)
       if state is None or step == phase.first_step:  # A phase starts with a fresh optimizer.
         base = variables if state is None else {"params": state.params, **state.model_state}
-        state = parallel.replicate(_fresh_state(phase, tx, base, step), mesh)
+        state = parallel.replicate(initial_state(phase, tx, base, step), mesh)
       state, step = _run_phase(config, phase, tx, state, train_split, splits,
                                parallel.replicate(rng, mesh), mngr, identity, step,
                                min(phase.end_step, halt), ckpt_every, writer, mesh)
@@ -513,7 +563,7 @@ def _run_phase(config, phase, tx, state, train_split, splits, rng, mngr, identit
   batches = data.train_batches(train_split, parallel.local_batch_size(config.batch_size, mesh),
                                config.seed, step, steps_per_epoch)
   wait = parallel.wait_each_step()
-  lr = learning_rate(config, phase.num_steps)
+  lr = learning_rate(config, phase.num_steps, num_warmup_steps(config, steps_per_epoch))
   bar = progress.bar(total=stop - step, desc=f"{phase.name} phase", unit="step")
   history, t0 = [], time.perf_counter()
   for step, images, labels in batches:

@@ -78,8 +78,11 @@ def _parse(argv: list[str]) -> list[str]:
       text = f"{head}: {last.strip()}"
     fail(f"{text} (see --helpfull)")
   except (AttributeError, KeyError) as e:
-    fail(f"unknown config field {str(e).strip(chr(34))}: see the config file's fields, or "
-         f"--helpfull.")
+    while e.args and isinstance(e.args[0], BaseException):  # ConfigDict nests KeyErrors.
+      e = e.args[0]
+    name, *hint = str(e.args[0] if e.args else e).strip('"').splitlines()
+    hint = f" ({hint[0].strip()})" if hint else ""
+    fail(f"unknown config field {name}{hint}: see the config file's fields, or --helpfull.")
 
 
 def guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:

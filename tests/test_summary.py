@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from bnet_jax import progress, summary, tables
-from test_train import run, small_config
+from helpers import run, small_config
 
 
 def _scalars(workdir, split):
@@ -18,7 +18,7 @@ def _scalars(workdir, split):
 
 
 def test_training_writes_per_exit_curves_that_tensorboard_reads(tmp_path):
-  config = small_config(lr_schedule="cosine", warmup_steps=2)
+  config = small_config(lr_schedule="cosine", warmup_epochs=0.5)
   results = run(config, tmp_path)  # 4 steps of the main network, then 4 joint steps.
   train = _scalars(tmp_path, "train")
   assert set(train) == {"loss/total", "loss/exit_1", "loss/exit_2", "accuracy/exit_1",

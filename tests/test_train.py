@@ -1,39 +1,17 @@
 """Training end to end on mock TFDS data: results, resume, phases and bad input."""
 
 import json
-import os
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from bnet_jax import checkpoint, data, nets, runtime, train
 from bnet_jax.nets import registry
-from experiments.configs import lenet_mnist
-from conftest import REPO
-
-# tfds.testing.mock_data ignores split slicing: every split, validation included, has
-# MOCK_EXAMPLES rows, so training runs 4 steps of 256 per epoch.
-MOCK_EXAMPLES = 1024
-
-
-def small_config(**overrides):
-  c = lenet_mnist.get_config("smoke")
-  c.num_validation = 256
-  c.data_dir = "/nonexistent-under-mock"
-  c.download = False
-  c.eval_batch_size = 128
-  c.update(overrides)
-  return c
-
-
-def run(config, workdir):
-  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
-    return train.train_and_evaluate(config, str(workdir))
-
+from experiments.configs import alexnet_cifar10, lenet_fashion_mnist, lenet_mnist, resnet110_cifar10
+from helpers import MOCK_EXAMPLES, REPO, run, small_config, snapshot
 
 def final_params(config, workdir):
   net = nets.get(config.model, **config.model_options)
@@ -42,14 +20,9 @@ def final_params(config, workdir):
     step = mngr.latest_step()
     phases = train.make_phases(config, net, 4)
     producer = phases[-1]
-    target = train._fresh_state(producer, train.make_optimizer(config, producer.num_steps),
+    target = train.initial_state(producer, train.make_optimizer(config, producer.num_steps),
                                 variables, step)
     return step, checkpoint.restore(mngr, step, target).params
-
-
-def snapshot(path):
-  return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
-          for d, _, files in os.walk(path) for f in files}
 
 
 @pytest.mark.newest
@@ -74,7 +47,7 @@ def test_main_phase_trains_only_the_main_network():
   assert phase.name == "main"
   assert list(phase.trainable(variables["params"])) == ["trunk_0", "trunk_1", "head_1"]
   tx = train.make_optimizer(config, phase.num_steps)
-  state = train._fresh_state(phase, tx, variables, 0)
+  state = train.initial_state(phase, tx, variables, 0)
   head0 = np.asarray(variables["params"]["head_0"]["Dense_0"]["kernel"])
   rng = np.random.default_rng(0)
   batch = {"image": rng.random((32, 28, 28, 1), np.float32),
@@ -120,11 +93,24 @@ def test_other_models_checkpoint_is_refused_and_untouched(tmp_path):
     ({"loss_weights": (1.0, 1.0, 1.0)}, "loss_weights has 3 entries but b_lenet has 2"),
     ({"batch_size": 0}, "batch_size must be positive"),
     ({"lr_schedule": "step"}, "lr_schedule must be"),
+    ({"warmup_epochs": -1.0}, "warmup_epochs must be >= 0"),
+    ({"warmup_steps": 300}, "warmup_steps is now warmup_epochs"),
 ])
 def test_bad_config_fails_before_writing(tmp_path, overrides, match):
   with pytest.raises(ValueError, match=match):
     run(small_config(**overrides), tmp_path / "w")
   assert not (tmp_path / "w").exists()
+
+
+# Before warmup_epochs the configs gave these warmup_steps; workdirs that they wrote
+# resume only while the same number of steps comes out.
+@pytest.mark.parametrize("module,variant,train_examples,steps", [
+    (lenet_mnist, "tuned", 60_000, 300), (lenet_fashion_mnist, "tuned", 60_000, 300),
+    (alexnet_cifar10, "modern", 50_000, 1755), (resnet110_cifar10, "modern", 50_000, 702),
+    (lenet_mnist, "smoke", 60_000, 0)])
+def test_warmup_epochs_give_the_configs_warmup_steps(module, variant, train_examples, steps):
+  c = module.get_config(variant)
+  assert train.num_warmup_steps(c, (train_examples - c.num_validation) // c.batch_size) == steps
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
@@ -164,8 +150,11 @@ def test_resuming_where_auto_resolves_otherwise_is_not_a_config_change(tmp_path,
   assert written["compute_dtype"] == "auto"
   first, second = checkpoint.runs(str(tmp_path))
   assert (first["start_step"], second["start_step"]) == (0, 4)
-  assert first["model_options"] == {"conv1_impl": "batch_minor", "conv_impl": "xla_pad8_dotgrad"}
-  assert second["model_options"] == {"conv1_impl": "xla", "conv_impl": "xla"}
+  assert first["model_options"] == {"conv1_impl": "im2col_batch_last",
+                                    "conv1_kernel_grad": "autodiff",
+                                    "conv_impl": "xla_channels_pad8", "conv_kernel_grad": "dot"}
+  assert second["model_options"] == {"conv1_impl": "xla", "conv1_kernel_grad": "autodiff",
+                                     "conv_impl": "xla", "conv_kernel_grad": "autodiff"}
   assert (first["compute_dtype"], second["compute_dtype"]) == ("float32", "bfloat16")
   for entry in (first, second):
     assert entry["versions"]["jax"] == jax.__version__ and entry["backend"] == "cpu"

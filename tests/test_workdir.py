@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 
 from bnet_jax import checkpoint, data, train
-from conftest import REPO
+from helpers import REPO, run, small_config, snapshot
 from experiments.configs import common
-from test_train import run, small_config, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +36,7 @@ def workdir(trained, tmp_path):
 
 
 def _training_fields(fields: dict) -> dict:
-  flat = train._flatten(fields)
+  flat = train.flatten_fields(fields)
   return {k: v for k, v in flat.items() if train.is_training_field(k)}
 
 
@@ -47,6 +46,7 @@ def test_field_kinds_partition_the_common_fields():
   top = [f for f in train.TRAINING_FIELDS + train.RUN_CONTROL_FIELDS if "." not in f]
   assert sorted(top) == sorted(fields) and len(top) == len(set(top))
   assert not train.is_training_field("model_options.conv_impl")
+  assert not train.is_training_field("model_options.conv_kernel_grad")
   assert train.is_training_field("model_options.depth")
   assert train.is_training_field("model_options.placement")
   assert not train.is_training_field("compute_dtype")
@@ -125,13 +125,50 @@ def test_more_epochs_train_further_and_fewer_are_refused(workdir, capsys):
 
 
 def test_epoch_change_line_says_the_cosine_rate_jumps():
-  old = train._config_fields(small_config(lr_schedule="cosine", warmup_steps=0))
-  config = small_config(lr_schedule="cosine", warmup_steps=0, joint_epochs=3)
+  old = train.config_fields(small_config(lr_schedule="cosine"))
+  config = small_config(lr_schedule="cosine", joint_epochs=3)
   line = train.check_epoch_change(old, config, 6, 4)
   # Step 6 is 2 steps into the joint phase: cos(pi * 2/4) -> cos(pi * 2/12).
   assert ("joint_epochs 1 -> 3: training continues from step 6 to step 16; the cosine "
           "schedule of the joint phase now spans 12 steps instead of 4, so the learning "
           "rate jumps from 0.0005 to 0.000933.") == line
+
+
+def _written_before_warmup_epochs(fields: dict, warmup_steps: int) -> dict:
+  """config.json `fields` as written before warmup_epochs existed: warmup_steps instead."""
+  return {**{k: v for k, v in fields.items() if k != "warmup_epochs"},
+          "warmup_steps": warmup_steps}
+
+
+def test_config_json_with_warmup_steps_resumes_unless_the_steps_differ(tmp_path):
+  cosine = {"lr_schedule": "cosine", "warmup_epochs": 0.5}  # 2 of the 4 steps per epoch.
+  assert run(small_config(**cosine, halt_after_steps=2), tmp_path) == {}
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(_written_before_warmup_epochs(json.loads(path.read_text()), 2)))
+  before = snapshot(tmp_path)
+  with pytest.raises(train.ConfigChangeError) as e:
+    run(small_config(lr_schedule="cosine", warmup_epochs=0.75), tmp_path)  # 3 steps.
+  assert "training-defining fields (warmup_epochs: 0.5 -> 0.75). Restore them" in str(e.value)
+  assert "\n" not in str(e.value) and snapshot(tmp_path) == before
+  assert run(small_config(**cosine), tmp_path)["test"]["num_examples"] > 0
+  assert checkpoint.latest_step(str(tmp_path)) == 8
+  saved = json.loads(path.read_text())
+  assert saved["warmup_epochs"] == 0.5 and "warmup_steps" not in saved
+  (entry,) = checkpoint.config_history(str(tmp_path))
+  assert entry["changes"] == {"halt_after_steps": [2, -1]}  # No warmup change.
+  assert [r["warmup_steps"] for r in checkpoint.runs(str(tmp_path))] == [2, 2]
+
+
+def test_an_old_layer_implementation_name_is_no_change():
+  """Options are compared as nets.canonical_options spells them: "xla_pad8_dotgrad" is
+  today's "xla_channels_pad8" with the "dot" kernel gradient."""
+  old = train.config_fields(small_config(
+      model_options={"conv1_impl": "auto", "conv_impl": "xla_pad8_dotgrad"}))
+  renamed = {"conv1_impl": "auto", "conv_impl": "xla_channels_pad8", "conv_kernel_grad": "dot"}
+  assert train.check_config_change(old, small_config(model_options=renamed), 8) == {}
+  other = {**renamed, "conv_kernel_grad": "autodiff"}  # Another gradient: run control.
+  assert train.check_config_change(old, small_config(model_options=other), 8) == {
+      "model_options.conv_kernel_grad": ("dot", "autodiff")}
 
 
 def _truncate_largest(step_dir):
@@ -203,6 +240,7 @@ def test_cli_refuses_a_changed_seed_with_exit_code_2(workdir):
 def test_runs_json_records_the_data_dir_and_readers_use_it(trained, tmp_path, monkeypatch):
   (entry,) = checkpoint.runs(str(trained))
   assert entry["data_dir"] == data.resolve_data_dir("/nonexistent-under-mock")
+  assert (entry["steps_per_epoch"], entry["warmup_steps"]) == (4, 0)
   workdir, data_dir = tmp_path / "w", tmp_path / "tfds"
   data_dir.mkdir()
   shutil.copytree(trained, workdir)

@@ -1,10 +1,16 @@
-"""Fields every training config has, with the authors' schedule as their defaults.
+"""What the training configs share: every field (the authors' schedule as defaults) and the
+variants that more than one network uses.
 
-A network's config calls `base(...)` and overrides what differs; `bnet_jax.train`
-documents and validates every field.
+A network's config builds `base(...)`, overrides what differs, and names its variants
+(`choose`); `bnet_jax.train` documents and validates every field.
 """
 
+from collections.abc import Callable, Mapping
+
 import ml_collections
+
+# A variant changes a config in place.
+Variant = Callable[[ml_collections.ConfigDict], None]
 
 
 def base(model: str, model_options: dict, dataset: str, num_exits: int
@@ -35,7 +41,8 @@ def base(model: str, model_options: dict, dataset: str, num_exits: int
   c.beta2 = 0.999
   c.weight_decay = 0.0  # > 0 switches Adam to AdamW.
   c.lr_schedule = "constant"  # Or "cosine" (warmup + cosine decay per phase).
-  c.warmup_steps = 0
+  # Cosine only; in epochs, so it follows batch_size (steps: train.num_warmup_steps).
+  c.warmup_epochs = 0.0
   c.augment = "none"  # "shift" (random translations) or "crop_flip"; up to max_shift px.
   c.max_shift = 2
 
@@ -46,4 +53,43 @@ def base(model: str, model_options: dict, dataset: str, num_exits: int
   # Resume a checkpoint although a training-defining field changed (train.TRAINING_FIELDS);
   # the change is recorded in W/config_history.json.
   c.allow_config_change = False
+  return c
+
+
+def paper(c: ml_collections.ConfigDict) -> None:
+  """The authors' schedule: `base`'s fields and the network's own, unchanged."""
+
+
+def smoke(c: ml_collections.ConfigDict, batch_size: int = 256) -> None:
+  """One main and one joint epoch with 1,000 images held out: checks that everything runs."""
+  c.main_epochs = 1
+  c.joint_epochs = 1
+  c.num_validation = 1000
+  c.batch_size = batch_size
+  c.checkpoint_every_epochs = 1
+
+
+def modern_cifar(c: ml_collections.ConfigDict, learning_rate: float, weight_decay: float,
+                 warmup_epochs: float) -> None:
+  """The standard CIFAR recipe: every exit trained jointly from scratch for 180 epochs with
+  Nesterov SGD (momentum 0.9), warmup + cosine decay, batch 128, random crop + flip."""
+  c.main_epochs = 0
+  c.joint_epochs = 180
+  c.batch_size = 128
+  c.optimizer = "sgd"
+  c.learning_rate = learning_rate
+  c.weight_decay = weight_decay
+  c.lr_schedule = "cosine"
+  c.warmup_epochs = warmup_epochs
+  c.augment = "crop_flip"
+
+
+def choose(c: ml_collections.ConfigDict, variant: str, variants: Mapping[str, Variant]
+           ) -> ml_collections.ConfigDict:
+  """`c` changed by `variants[variant]`; a ValueError names the variants otherwise."""
+  if variant not in variants:
+    names = [repr(v) for v in variants]
+    listed = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+    raise ValueError(f"Unknown variant {variant!r}; expected {listed}.")
+  variants[variant](c)
   return c
