@@ -164,7 +164,7 @@ def load(dataset: str, split: str, data_dir: str | None = None, *,
   total = len(source)
   rows = range(index * total // count, (index + 1) * total // count)
   try:
-    examples = source.__getitems__(rows)  # Batched read: about 2x faster.
+    examples = source.__getitems__(rows)  # One batched read, not a read per example.
   except TypeError:  # tfds.testing.mock_data's __getitems__ is not bound to its source.
     examples = [source[i] for i in rows]
   images = np.stack([e["image"] for e in examples]).astype(np.uint8)

@@ -9,9 +9,8 @@ from typing import Any
 def stream(predict: Callable[[Any], Any], batches: Sequence[Any]) -> None:
   """Runs `predict` on each batch in turn, as a serving loop does, keeping no result.
 
-  Keeping every result would also time Python's garbage collector: a list of a
-  thousand `Prediction` tuples (GC-tracked objects; a baseline's arrays are not)
-  added 2.5-6 us per batch-1 call to B-LeNet's 64-73 us cascade (2026-11-30).
+  Keeping every result would also time Python's garbage collector, which a list of
+  GC-tracked `Prediction` tuples charges to the cascade and not to the baselines.
   """
   for batch in batches:
     predict(batch)

@@ -1,10 +1,9 @@
 """Restarts an experiment with tcmalloc preloaded, before JAX is imported.
 
-XLA's CPU runtime allocates and frees large buffers on every step. With glibc's
-malloc those allocations go straight to the kernel (mmap/munmap) and the page faults
-took 22% of the CPU time of B-LeNet's training step; with tcmalloc
-(Debian: ``libtcmalloc-minimal4``) the same step ran 31% faster (1,647 -> 2,156
-images/s at batch 512 on 2 CPU cores, `experiments.benchmark_train`, 2026-11-30).
+XLA's CPU runtime allocates and frees large buffers on every step; with glibc's
+malloc they go straight to the kernel (mmap/munmap) and the page faults cost a
+large share of a training step, which tcmalloc (Debian: ``libtcmalloc-minimal4``)
+keeps in user space (docs/performance.md has the figures).
 A library cannot swap the allocator of a running process, so each experiment's
 ``__main__`` calls `reexec_with_tcmalloc` first: it re-executes the same command
 line with ``LD_PRELOAD`` set (once; a no-op when tcmalloc is absent, already loaded,

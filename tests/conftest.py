@@ -1,11 +1,11 @@
-"""Shared fixtures: the repository root and a prepared real-MNIST TFDS data dir."""
+"""Shared fixtures: a prepared real-MNIST TFDS data dir (helpers.py has the rest)."""
 
 import os
-import pathlib
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 SHARED_MNIST = REPO.parent / "shared" / "datasets" / "mnist"
 
 

@@ -10,8 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from bnet_jax import benchmark, evaluate, train
-from conftest import REPO
-from test_train import MOCK_EXAMPLES, small_config
+from helpers import MOCK_EXAMPLES, REPO, small_config
 
 ROW_KEYS = {"network", "dataset", "split", "device", "batch_size", "criterion", "thresholds",
             "exit_fractions", "baseline", "branchy", "speedup", "ideal_speedup"}

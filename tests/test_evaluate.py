@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from bnet_jax import evaluate, nets, parallel
-from test_cascade import random_variables
+from helpers import random_variables
 
 N, BATCH = 37, 16  # The batch size does not divide N: the last batch is padded.
 

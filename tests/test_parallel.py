@@ -25,7 +25,7 @@ REPO = TESTS.parent
 BAND = 1e-4  # As in test_cascade.py: scores this close to a threshold may change exit.
 TIMEOUT = 300  # Seconds for a worker (both, for the two processes) to finish.
 EVAL_SIZES = (1, 13, 37, 103)  # Split sizes that no batch size or device count divides.
-MOCK_EXAMPLES = 1024  # As in test_train.py: every mock split has this many rows.
+MOCK_EXAMPLES = 1024  # As in helpers.py: every mock split has this many rows.
 
 
 # ---- running workers -----------------------------------------------------------------
@@ -248,10 +248,10 @@ def test_two_processes_train_resume_and_evaluate_like_one(two, eight):
 # ---- workers (run in subprocesses) ------------------------------------------------------
 
 def small_config(**overrides):
-  """test_train.py's small config (2 x 4 steps of 256 on mock data), with random shifts."""
-  import test_train
+  """The helpers' small config (2 x 4 steps of 256 on mock data), with random shifts."""
+  import helpers
 
-  return test_train.small_config(**{"augment": "shift", **overrides})
+  return helpers.small_config(**{"augment": "shift", **overrides})
 
 
 def _params_vector(params) -> np.ndarray:
@@ -262,7 +262,7 @@ def _params_vector(params) -> np.ndarray:
 
 def _thresholds(scores: np.ndarray, seed: int) -> np.ndarray:
   """One threshold per early exit, midway across the widest gap near the median score."""
-  from test_cascade import random_thresholds
+  from helpers import random_thresholds
 
   return np.asarray(random_thresholds(scores, np.random.default_rng(seed)), np.float32)
 
@@ -271,12 +271,12 @@ def _cascade_case(name: str, save: dict, sizes) -> None:
   """Single-device vs 8-device cascade predictions of a network on random images."""
   import jax.numpy as jnp
   from bnet_jax import cascade, nets, parallel
-  from test_cascade import random_variables, tiny_network
+  from helpers import random_variables, tiny_network
 
   net = nets.get("b_lenet") if name == "blenet" else tiny_network()
   variables = random_variables(net, 0)
   x = np.random.default_rng(1).normal(size=(max(sizes), *net.input_shape)).astype(np.float32)
-  scores = np.asarray(cascade._all_exits(net, "entropy", variables, jnp.asarray(x))[1])
+  scores = np.asarray(cascade.logits_and_scores(net, "entropy", variables, jnp.asarray(x))[1])
   t = _thresholds(scores, 0)
   one = cascade.Cascade(net, variables, t)
   many = cascade.Cascade(net, variables, t, mesh=parallel.make_mesh())
@@ -317,7 +317,7 @@ def eight_devices(out: str) -> None:
   """Training steps, evaluation and the cascade on 1 device and on 8."""
   import jax
   from bnet_jax import cascade, evaluate, nets, parallel, train
-  from test_cascade import random_variables
+  from helpers import random_variables
 
   save = {"devices": jax.device_count()}
   one, many = parallel.make_mesh(jax.devices()[:1]), parallel.make_mesh()
@@ -331,7 +331,7 @@ def eight_devices(out: str) -> None:
               "label": rng.integers(0, 10, 64).astype(np.int32)} for _ in range(4)]
   for tag, mesh in (("1", one), ("8", many)):
     variables = nets.init(net, jax.random.key(0))
-    state = parallel.replicate(train._fresh_state(phase, tx, variables, 0), mesh)
+    state = parallel.replicate(train.initial_state(phase, tx, variables, 0), mesh)
     step, key = train.make_train_step(phase, tx, "shift", 2, mesh), parallel.replicate(
         jax.random.key(0), mesh)
     losses = []
@@ -364,7 +364,7 @@ def eight_devices(out: str) -> None:
       result = evaluate.evaluate_split(net, variables, images[:n], labels[:n], batch, mesh=many)
       assert result["num_examples"] == n
       save[f"accuracy_8_{n}_{batch}"] = np.array(result["accuracy_per_exit"])
-  programs = evaluate._programs(net, many)
+  programs = evaluate.programs(net, many)
   for fn in programs:
     fn.clear_cache()
   evaluate.all_exits(net, variables, images[:103], 16, mesh=many)
@@ -415,7 +415,7 @@ def two_processes(process_id: str, port: str, workdir: str, out: str) -> None:
     save[f"one_accuracy_{name}"] = evaluate.evaluate_split(
         net, variables, images, splits[name].labels, config.eval_batch_size)["accuracy_per_exit"]
   save["one_logits"] = evaluate.all_exits(net, variables, x, 64).logits
-  save["one_scores"] = np.asarray(cascade._all_exits(net, "entropy", variables,
+  save["one_scores"] = np.asarray(cascade.logits_and_scores(net, "entropy", variables,
                                                      jnp.asarray(x))[1])
   pred = cascade.Cascade(net, variables, t).predict(x)
   save.update(one_label=pred.label, one_exit=pred.exit, one_score=pred.score)
@@ -445,7 +445,7 @@ def _two_process_schedule(save: dict) -> None:
   for phase in train.make_phases(config, net, steps_per_epoch):
     tx = train.make_optimizer(config, phase.num_steps)
     base = variables if state is None else {"params": state.params, **state.model_state}
-    state = parallel.replicate(train._fresh_state(phase, tx, base, phase.first_step), mesh)
+    state = parallel.replicate(train.initial_state(phase, tx, base, phase.first_step), mesh)
     step = train.make_train_step(phase, tx, config.augment, config.max_shift, mesh)
     batches = zip(*(data.train_batches(p, local_batch, config.seed, phase.first_step,
                                        steps_per_epoch) for p in parts))

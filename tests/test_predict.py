@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 
 from bnet_jax import cascade, checkpoint, data, predict, train
-from conftest import REPO
+from helpers import REPO, random_thresholds
 from experiments.configs import lenet_mnist
-from test_cascade import random_thresholds
 
 BAND = 1e-4
 SPLIT, ROWS, BATCH = "validation", 1000, 256  # Batches of 256: 3 whole, one of 232.
@@ -39,7 +38,7 @@ def workdir(mnist_data_dir, tmp_path_factory) -> str:
                 learning_rate=3e-3, halt_after_steps=30)
   train.train_and_evaluate(config, w)
   net, variables, images = _model_and_images(w)
-  scores = np.asarray(cascade._all_exits(net, "entropy", variables, jnp.asarray(images))[1])
+  scores = np.asarray(cascade.logits_and_scores(net, "entropy", variables, jnp.asarray(images))[1])
   t = random_thresholds(scores, np.random.default_rng(0))
   with open(os.path.join(w, predict.THRESHOLDS_FILE), "w") as f:
     json.dump({"step": 30, "compute_dtype": "float32",
@@ -110,7 +109,7 @@ def test_predictions_equal_the_all_exits_reference(workdir, one_device):
   assert result["thresholds"] == [float(np.float32(v)) for v in t]
 
   ref = cascade.reference(net, variables, images, t)
-  scores = np.asarray(cascade._all_exits(net, "entropy", variables, jnp.asarray(images))[1])
+  scores = np.asarray(cascade.logits_and_scores(net, "entropy", variables, jnp.asarray(images))[1])
   near = _assert_same_outside_the_band(saved, ref._asdict(), scores, t, "one device")
   print(f"{near} of {ROWS} samples within {BAND} of a threshold")
   assert 0.1 < np.mean(saved["exit"] == 0) < 0.9  # Both exits used.
@@ -171,7 +170,7 @@ def test_eight_devices_predict_like_one(workdir, one_device, tmp_path):
   with np.load(os.path.join(copy, f"predictions_{SPLIT}.npz")) as f:
     eight = dict(f)
   net, variables, images = _model_and_images(workdir)
-  scores = np.asarray(cascade._all_exits(net, "entropy", variables, jnp.asarray(images))[1])
+  scores = np.asarray(cascade.logits_and_scores(net, "entropy", variables, jnp.asarray(images))[1])
   near = _assert_same_outside_the_band(eight, one, scores, one["thresholds"], "8 devices")
   print(f"{near} of {ROWS} samples within {BAND} of a threshold")
   for key in ("true_label", "thresholds", "step", "criterion", "compute_dtype"):

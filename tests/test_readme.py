@@ -6,8 +6,7 @@ import runpy
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import REPO
-from test_train import MOCK_EXAMPLES
+from helpers import MOCK_EXAMPLES, REPO
 
 
 @pytest.mark.newest

@@ -59,7 +59,7 @@ def test_compiler_options_are_accepted_by_this_jaxlib_and_leave_xla_flags_alone(
 def test_an_option_this_jaxlib_does_not_know_is_left_out_not_fatal(monkeypatch, caplog):
   monkeypatch.setitem(runtime.XLA_OPTIONS, "cpu",
                       {"xla_cpu_no_such_option_anywhere": "1", **runtime.XLA_OPTIONS["cpu"]})
-  runtime._accepted.cache_clear()
+  runtime.accepted_options.cache_clear()
   try:
     options = runtime.compiler_options()
     assert "xla_cpu_no_such_option_anywhere" not in options
@@ -67,17 +67,17 @@ def test_an_option_this_jaxlib_does_not_know_is_left_out_not_fatal(monkeypatch, 
     assert "does not know XLA option xla_cpu_no_such_option_anywhere" in caplog.text
     assert float(runtime.jit(lambda x: 2 * x)(3.0)) == 6.0
   finally:
-    runtime._accepted.cache_clear()
+    runtime.accepted_options.cache_clear()
 
 
 def test_options_of_other_platforms_are_never_applied(monkeypatch):
   monkeypatch.setitem(runtime.XLA_OPTIONS, "gpu", {"xla_gpu_no_such_option": "1"})
   monkeypatch.setitem(runtime.XLA_OPTIONS, "tpu", {"xla_tpu_no_such_option": "1"})
-  runtime._accepted.cache_clear()
+  runtime.accepted_options.cache_clear()
   try:
     assert runtime.compiler_options() == runtime.XLA_OPTIONS["cpu"]
   finally:
-    runtime._accepted.cache_clear()
+    runtime.accepted_options.cache_clear()
 
 
 @pytest.mark.parametrize("platforms, want", [("cpu", "cpu"), ("cuda", "gpu"), ("tpu", "tpu"),
