@@ -23,8 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnet_jax import (cascade, checkpoint, cost, criteria, data, evaluate, nets, plots, runtime,
-                      selection, timing)
+from bnet_jax import criteria, nets, runtime, timing
+from bnet_jax.inference import cascade, cost
+from bnet_jax.inputs import data
+from bnet_jax.reporting import plots
+from bnet_jax.thresholds import selection
+from bnet_jax.training import checkpoint, evaluate
 from bnet_jax.criteria import Criterion
 
 

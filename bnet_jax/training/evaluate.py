@@ -21,7 +21,9 @@ import numpy as np
 from jax.sharding import Mesh
 from scipy import special
 
-from bnet_jax import checkpoint, criteria, data, nets, parallel, progress, runtime
+from bnet_jax import criteria, nets, parallel, progress, runtime
+from bnet_jax.inputs import data
+from bnet_jax.training import checkpoint
 
 
 @functools.lru_cache(maxsize=None)

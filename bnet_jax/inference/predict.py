@@ -25,7 +25,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from bnet_jax import cascade, checkpoint, criteria, data, evaluate, nets, parallel, timing
+from bnet_jax import criteria, nets, parallel, timing
+from bnet_jax.inference import cascade
+from bnet_jax.inputs import data
+from bnet_jax.training import checkpoint, evaluate
 from bnet_jax.criteria import Criterion
 
 # Written by `benchmark.run`: {"step": S, "compute_dtype": D,

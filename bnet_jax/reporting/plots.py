@@ -13,10 +13,11 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from bnet_jax import criteria, screening
-from bnet_jax.cascade import Prediction
+from bnet_jax import criteria
+from bnet_jax.thresholds import screening
+from bnet_jax.inference.cascade import Prediction
 from bnet_jax.criteria import Criterion
-from bnet_jax.evaluate import CachedExits
+from bnet_jax.training.evaluate import CachedExits
 
 
 def accuracy_vs_cost(result: screening.ScreenResult, full_cost: float, baseline_accuracy: float,

@@ -20,9 +20,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bnet_jax import cost, criteria, screening
+from bnet_jax import criteria
+from bnet_jax.inference import cost
+from bnet_jax.thresholds import screening
 from bnet_jax.criteria import Criterion
-from bnet_jax.evaluate import CachedExits
+from bnet_jax.training.evaluate import CachedExits
 
 RULES = ("accuracy_drop", "budget", "risk")
 

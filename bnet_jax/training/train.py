@@ -34,8 +34,9 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from bnet_jax import (augment, checkpoint, data, evaluate, losses, nets, parallel, progress,
-                      runtime, summary)
+from bnet_jax import nets, parallel, progress, runtime
+from bnet_jax.inputs import augment, data
+from bnet_jax.training import checkpoint, evaluate, losses, summary
 
 
 # Fields that define what training computes: a checkpoint continues only under the

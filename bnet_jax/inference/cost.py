@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnet_jax import nets
-from bnet_jax.cascade import segment_fn
+from bnet_jax.inference.cascade import segment_fn
 from bnet_jax.criteria import Criterion
 
 

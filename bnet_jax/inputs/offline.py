@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnet_jax import data
+from bnet_jax.inputs import data
 
 SUPPORTED = ("mnist", "fashion_mnist")
 

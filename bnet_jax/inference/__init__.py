@@ -1,0 +1,1 @@
+"""Inference: the early-exit cascade, the XLA FLOP cost of its segments, batch prediction."""

@@ -1,0 +1,1 @@
+"""Inputs: TFDS splits and batches (`data`), offline preparation (`offline`), augmentation."""

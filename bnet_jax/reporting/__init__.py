@@ -1,0 +1,1 @@
+"""Reporting: the Table-1 benchmark, figures and plain-text tables."""
