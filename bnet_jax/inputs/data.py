@@ -45,7 +45,7 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 # The prepared data dir of a source checkout (scripts/setup.sh builds it there).
-REPO_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".tfds")
+REPO_DATA_DIR = os.path.join(os.path.abspath(os.path.join(__file__, *[os.pardir] * 3)), ".tfds")
 
 
 @dataclasses.dataclass(frozen=True)
