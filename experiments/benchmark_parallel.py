@@ -52,7 +52,9 @@ def _model_and_images() -> tuple[nets.Network, nets.Variables, np.ndarray, dict]
   if _WORKDIR.value:
     trained = checkpoint.load_trained(_WORKDIR.value)
     c = trained.config
-    name, options, variables = c.model, c.model_options.to_dict(), trained.variables
+    name, variables = c.model, trained.variables
+    options = {"input_shape": trained.net.input_shape, "num_classes": trained.net.num_classes,
+               **c.model_options.to_dict()}  # The shape the dataset gave it.
     dataset, data_dir = c.dataset, c.data_dir or None
   options.update(errors.key_values("model_option", _OPTIONS.value)
                  or nets.inference_options(name))

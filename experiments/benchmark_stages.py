@@ -1,10 +1,11 @@
 r"""Per-exit-segment cost of a network: XLA FLOPs, measured time, ideal speedups, training rate.
 
   python -m experiments.benchmark_stages --model=b_resnet --options=depth=110 \
-      --exit_fractions=0.415,0.138,0.447 [--json=stages.json]
+      --exit_fractions=0.415,0.138,0.447 [--dataset=fashion_mnist] [--json=stages.json]
 
 For each exit segment (the trunk stages since the previous exit, the exit head and
-the entropy; `cascade.segment_fn`) it reports XLA's FLOPs per sample and the median time
+the entropy; `cascade.segment_fn`) it reports XLA's FLOPs per sample, of which the
+head's (`cost.head_flops`), and the median time
 of one jitted call at each batch size (parameters closed over, warmed up, segments and
 the plain main path timed in rotation). At the given exit fractions it reports the
 FLOPs-ideal speedup (main-path FLOPs / expected segment FLOPs) next to the speedup the
@@ -27,11 +28,13 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from bnet_jax import cascade, cost, nets, runtime, timing, train
+from bnet_jax import cascade, cost, data, nets, runtime, timing, train
 from experiments import errors
 
 _MODEL = flags.DEFINE_string("model", "b_alexnet", "Registered network name.")
 _OPTIONS = flags.DEFINE_list("options", [], "Network options as KEY=VALUE, e.g. depth=110.")
+_DATASET = flags.DEFINE_string("dataset", "", "Size the network for this dataset's images and "
+                               "classes, e.g. fashion_mnist (empty: the network's defaults).")
 _FRACTIONS = flags.DEFINE_list("exit_fractions", ["0.656", "0.252", "0.092"],
                                "Fraction of samples leaving at each exit (B-AlexNet's in "
                                "the paper; B-ResNet's were 0.415,0.138,0.447).")
@@ -112,6 +115,10 @@ def main(argv: list[str]) -> None:
     raise ValueError(f"--exit_fractions must be numbers; got {','.join(_FRACTIONS.value)}."
                      ) from None
   options = parse_options(_OPTIONS.value)
+  if _DATASET.value:
+    dataset = data.spec(_DATASET.value)
+    options = {"input_shape": dataset.image_shape, "num_classes": dataset.num_classes,
+               **options}
   runtime.configure()
   errors.check_network("options", lambda: nets.get(_MODEL.value, **options))
   net = nets.get(_MODEL.value, **options)
@@ -120,15 +127,18 @@ def main(argv: list[str]) -> None:
                          f"got {fractions}.")
   variables = nets.init(net, jax.random.key(0))
   flops = cost.segment_flops(net, variables)
+  head_flops = cost.head_flops(net, variables)
   main_flops = cost.main_path_flops(net, variables)
   result = {
       "network": net.name, "device": jax.devices()[0].device_kind,
       "params": nets.count_params(variables["params"]), "exit_fractions": fractions,
-      "segment_mflops": [f / 1e6 for f in flops], "main_path_mflops": main_flops / 1e6,
+      "segment_mflops": [f / 1e6 for f in flops], "head_mflops": [f / 1e6 for f in head_flops],
+      "main_path_mflops": main_flops / 1e6,
       "ideal_speedup_flops": main_flops / cost.expected(fractions, flops), "timing": [],
   }
   print(f"{net.name}: {result['params']:,} parameters; exit fractions {fractions}")
-  print(f"  MFLOPs per sample, segments: {' '.join(f'{f / 1e6:.2f}' for f in flops)}; "
+  print(f"  MFLOPs per sample, segments: {' '.join(f'{f / 1e6:.2f}' for f in flops)} (heads "
+        f"{' '.join(f'{f / 1e6:.2f}' for f in head_flops)}); "
         f"main path {main_flops / 1e6:.2f}; FLOPs-ideal speedup "
         f"{result['ideal_speedup_flops']:.2f}x")
   for batch_size in batch_sizes:

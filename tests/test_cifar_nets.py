@@ -1,9 +1,10 @@
-"""B-AlexNet and B-ResNet against the layer sizes of docs/method.md, and training them on CIFAR-shaped data.
+"""B-AlexNet and B-ResNet: docs/method.md's layer sizes at any input size, and training.
 
 Parameter counts are computed here by hand from the layer sizes docs/method.md gives (conv
-k x k C_in -> C_out with bias, BatchNorm scale + offset, FC with bias); shapes come
-from `jax.eval_shape`, so even ResNet-110 is counted without computing anything.
-Training tests use ResNet-8 (n = 1), the smallest 6n+2 depth, to stay fast.
+k x k C_in -> C_out with bias, BatchNorm scale + offset, FC with bias), for CIFAR-10's
+32x32x3 and Fashion-MNIST's 28x28x1; shapes come from `jax.eval_shape`, so even
+ResNet-110 is counted without computing anything. Training tests use ResNet-8 (n = 1),
+the smallest 6n+2 depth, to stay fast.
 """
 
 import functools
@@ -15,9 +16,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from bnet_jax import cascade, losses, nets, train
+from bnet_jax import cascade, checkpoint, losses, nets, train
 from bnet_jax.nets import lrn
-from experiments.configs import alexnet_cifar10, resnet110_cifar10
+from experiments.configs import (alexnet_cifar10, alexnet_fashion_mnist, resnet110_cifar10,
+                                 resnet_fashion_mnist)
 
 
 def conv(k, cin, cout):
@@ -56,20 +58,43 @@ ALEXNET_PAPER = {
                 + dense(256, 128)),
     "head_2": dense(128, 10),
 }
+# 28x28x1, code placement: pools 28 -> 14 -> 7 -> 3 (exit 2: 7 -> 3 -> 1).
+ALEXNET_CODE_28 = {
+    "trunk_0": conv(5, 1, 32) + conv(5, 32, 64),
+    "head_0": conv(3, 64, 32) + conv(3, 32, 32) + dense(3 * 3 * 32, 10),
+    "trunk_1": conv(3, 64, 96),
+    "head_1": conv(3, 96, 32) + dense(32, 10),
+    "trunk_2": conv(3, 96, 96) + conv(3, 96, 64) + dense(3 * 3 * 64, 256) + dense(256, 128),
+    "head_2": dense(128, 10),
+}
+# Trunk heads, paper placement, 28x28x1 into 7 classes: conv to 32 at the stage's
+# channels, global average pool, FC 32 -> 7.
+ALEXNET_PAPER_TRUNK_28 = {
+    "trunk_0": conv(5, 1, 32),
+    "head_0": conv(3, 32, 32) + dense(32, 7),
+    "trunk_1": conv(5, 32, 64),
+    "head_1": conv(3, 64, 32) + dense(32, 7),
+    "trunk_2": (conv(3, 64, 96) + conv(3, 96, 96) + conv(3, 96, 64) + dense(3 * 3 * 64, 256)
+                + dense(256, 128)),
+    "head_2": dense(128, 7),
+}
 
 
-def resnet_counts(n, paper=False):
-  """Per-module counts of B-ResNet-(6n+2); exits see 30x30 maps, the trunk ends at 3x3x64."""
-  stem = conv(3, 3, 16) + bn(16)
+def resnet_counts(n, paper=False, side=30, channels=3, pooled=3, trunk_heads=False):
+  """Per-module counts of B-ResNet-(6n+2); exits see side x side maps (30 for CIFAR-10),
+  the trunk ends at pooled x pooled x 64 (3 for CIFAR-10)."""
+  stem = conv(3, channels, 16) + bn(16)
   first = 1 if paper else 0
+  trunk_head = conv(3, 16, 32) + bn(32) + dense(32, 10)
   return {
       "trunk_0": stem + first * block(16, 16),
-      "head_0": conv(5, 16, 64) + conv(3, 64, 32) + conv(3, 32, 32) + dense(30 * 30 * 32, 10),
+      "head_0": trunk_head if trunk_heads else (
+          conv(5, 16, 64) + conv(3, 64, 32) + conv(3, 32, 32) + dense(side * side * 32, 10)),
       "trunk_1": (n - first) * block(16, 16),
-      "head_1": block(16, 16) + dense(30 * 30 * 16, 10),
+      "head_1": trunk_head if trunk_heads else block(16, 16) + dense(side * side * 16, 10),
       "trunk_2": (block(16, 32) + (n - 1) * block(32, 32) + block(32, 64)
                   + (n - 1) * block(64, 64)),
-      "head_2": dense(3 * 3 * 64, 10),
+      "head_2": dense(pooled * pooled * 64, 10),
   }
 
 
@@ -84,6 +109,18 @@ def abstract_variables(net):
     ("b_resnet", {"depth": 110}, resnet_counts(18), [(30, 30, 16)] * 2 + [(576,)]),
     ("b_resnet", {"depth": 14, "placement": "paper"}, resnet_counts(2, paper=True),
      [(30, 30, 16)] * 2 + [(576,)]),
+    # Fashion-MNIST's 28x28x1: stem 26, stages 26 -> 13 -> 7, pooled 2x2.
+    ("b_alexnet", {"input_shape": (28, 28, 1)}, ALEXNET_CODE_28,
+     [(7, 7, 64), (7, 7, 96), (128,)]),
+    ("b_alexnet", {"input_shape": [28, 28, 1], "num_classes": 7, "placement": "paper",
+                   "exit_heads": "trunk"}, ALEXNET_PAPER_TRUNK_28,
+     [(14, 14, 32), (7, 7, 64), (128,)]),
+    ("b_resnet", {"depth": 8, "input_shape": (28, 28, 1)},
+     resnet_counts(1, side=26, channels=1, pooled=2), [(26, 26, 16)] * 2 + [(256,)]),
+    ("b_resnet", {"depth": 20, "input_shape": (28, 28, 1), "exit_heads": "trunk"},
+     resnet_counts(3, channels=1, pooled=2, trunk_heads=True), [(26, 26, 16)] * 2 + [(256,)]),
+    ("b_resnet", {"depth": 8, "exit_heads": "trunk"}, resnet_counts(1, trunk_heads=True),
+     [(30, 30, 16)] * 2 + [(576,)]),
 ])
 def test_parameter_counts_and_stage_shapes(name, options, expected, stage_shapes):
   net = nets.get(name, **options)
@@ -91,12 +128,51 @@ def test_parameter_counts_and_stage_shapes(name, options, expected, stage_shapes
   assert net.num_exits == 3 and net.exit_stages == (0, 1, 2)
   counts = {k: nets.count_params(v) for k, v in variables["params"].items() if v}
   assert counts == {k: v for k, v in expected.items() if v}
-  h = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  h = jax.ShapeDtypeStruct((2, *net.input_shape), jnp.float32)
   for i, shape in enumerate(stage_shapes):
     h = jax.eval_shape(lambda v, h: nets.apply_trunk(net, v, i, h)[0], variables, h)
     assert h.shape == (2, *shape)
     z = jax.eval_shape(lambda v, h: nets.apply_head(net, v, i, h)[0], variables, h)
-    assert z.shape == (2, 10)
+    assert z.shape == (2, net.num_classes)
+
+
+# Computed with the code before the networks took their input's shape: CIFAR-10's
+# networks keep their parameters (names: the per-module counts above).
+@pytest.mark.parametrize("name,options,count", [
+    ("b_alexnet", {}, 605_886), ("alexnet", {}, 544_074), ("b_resnet", {"depth": 20}, 765_630),
+    ("b_resnet", {"depth": 110}, 2_227_230)])
+def test_cifar10_parameter_counts_are_unchanged(name, options, count):
+  assert nets.count_params(abstract_variables(nets.get(name, **options))["params"]) == count
+
+
+@pytest.mark.parametrize("name,options", [
+    ("b_lenet", {"input_shape": (32, 32, 3)}), ("resnet", {"depth": 8, "input_shape": (28, 28, 1)}),
+    ("alexnet", {"placement": "paper", "input_shape": (28, 28, 1)})])
+def test_main_and_other_networks_take_any_input(name, options):
+  net = nets.get(name, **options, num_classes=7)
+  x = jax.ShapeDtypeStruct((2, *net.input_shape), jnp.float32)
+  out = jax.eval_shape(lambda x: nets.forward(net, nets.init(net, jax.random.key(0)), x)[0], x)
+  assert out.logits.shape == (net.num_exits, 2, 7)
+
+
+def test_trunk_heads_leave_the_main_network_unchanged():
+  for name, options in (("b_resnet", {"depth": 8}), ("b_alexnet", {})):
+    trunk_heads = nets.get(name, **options, exit_heads="trunk")
+    assert trunk_heads.main_network().stages == nets.get(name, **options).main_network().stages
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("b_resnet", {"depth": 8, "input_shape": (22, 28, 1)}, "at least 23x23 .*got 22x28"),
+    ("resnet", {"depth": 8, "input_shape": (28, 22, 3)}, "at least 23x23"),
+    ("b_alexnet", {"input_shape": (15, 15, 1)}, "at least 16x16 .*got 15x15"),
+    ("b_alexnet", {"input_shape": (7, 8, 1), "exit_heads": "trunk"}, "at least 8x8"),
+    ("alexnet", {"input_shape": (8, 7, 1)}, "at least 8x8"),
+    ("b_resnet", {"exit_heads": "small"}, "Unknown exit_heads 'small'"),
+    ("b_alexnet", {"exit_heads": "small"}, "Unknown exit_heads 'small'"),
+])
+def test_too_small_inputs_and_unknown_heads_are_refused(name, options, match):
+  with pytest.raises(ValueError, match=match):
+    nets.get(name, **options)
 
 
 def test_resnet110_totals():
@@ -111,7 +187,9 @@ def test_resnet110_totals():
 
 @pytest.mark.parametrize("name,options,want", [
     ("alexnet", {}, "alexnet"), ("alexnet", {"placement": "paper"}, "alexnet_paper"),
-    ("resnet", {"depth": 20}, "resnet20"), ("b_resnet", {"depth": 20}, "b_resnet20")])
+    ("resnet", {"depth": 20}, "resnet20"), ("b_resnet", {"depth": 20}, "b_resnet20"),
+    ("b_resnet", {"depth": 20, "exit_heads": "trunk"}, "b_resnet20_trunk_heads"),
+    ("b_alexnet", {"placement": "paper", "exit_heads": "trunk"}, "b_alexnet_paper_trunk_heads")])
 def test_names_and_main_networks(name, options, want):
   net = nets.get(name, **options)
   assert net.name == want
@@ -269,20 +347,25 @@ def test_check_images_rejects_bad_input(shape, match):
       nets.check_images(nets.get(name), np.zeros(shape, np.float32))
 
 
-@pytest.mark.parametrize("module", [alexnet_cifar10, resnet110_cifar10])
-def test_configs_build_their_networks(module):
-  for variant in ("paper", "modern", "smoke"):
+@pytest.mark.parametrize("module,variants", [
+    (alexnet_cifar10, ("paper", "modern", "smoke")),
+    (resnet110_cifar10, ("paper", "modern", "smoke")),
+    (alexnet_fashion_mnist, ("tuned", "smoke")), (resnet_fashion_mnist, ("tuned", "smoke"))])
+def test_configs_build_their_networks(module, variants):
+  assert tuple(module.VARIANTS) == variants
+  for variant in variants:
     c = module.get_config(variant)
-    net = nets.get(c.model, **c.model_options)
+    net = checkpoint.network(c)  # Sized for the config's dataset.
     assert len(c.loss_weights) == net.num_exits == 3
     train.validate_config(c, net)
   with pytest.raises(ValueError, match="Unknown variant"):
-    module.get_config("tuned")
+    module.get_config("bogus")
 
 
-def test_end_to_end_on_mock_cifar(tmp_path):
-  c = resnet110_cifar10.get_config("smoke")
-  c.model_options.depth = 8  # The smoke config's depth 20, made smaller still.
+@pytest.mark.parametrize("module", [resnet110_cifar10, resnet_fashion_mnist])
+def test_end_to_end_on_mock_data(tmp_path, module):
+  c = module.get_config("smoke")
+  c.model_options.depth = 8  # The smoke configs' depth 20, made smaller still.
   c.update(dict(num_validation=64, batch_size=32, eval_batch_size=64,
                 data_dir="/nonexistent-under-mock", download=False))
   # mock_data ignores split slicing: every split has 64 rows, so 2 steps per epoch.

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from bnet_jax import cascade, cost, nets
+from helpers import random_variables
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +51,24 @@ def test_flops_count_arithmetic_not_layer_implementations(blenet):
   swapped = padded.with_conv_impl("xla")
   assert {s.trunk.conv_impl for s in swapped.stages} == {"xla"}
   assert swapped.stages[0].head.conv_impl == "xla"
+
+
+def test_heads_are_segments_less_their_trunks(blenet):
+  net, variables = blenet
+  seg, heads = cost.segment_flops(net, variables), cost.head_flops(net, variables)
+  # Exit 1: conv 5->10 3x3 on 15x15, pool, FC 640->10; the main head: FC 84->10.
+  assert 0.1e6 < heads[0] < seg[0] and 1600 < heads[1] < 3000
+  trunk = lambda v, x: nets.apply_trunk(net.with_conv_impl("xla"), v, 0, x)[0]
+  x = jax.numpy.zeros((1, *net.input_shape))
+  assert heads[0] == seg[0] - cost.compiled_flops(trunk, variables, x)
+
+
+# Fashion-MNIST's images: the authors' ResNet exit 1 alone costs more than ResNet-20's
+# main path; heads sized to the trunk must leave early exits worth taking.
+@pytest.mark.parametrize("name,options", [("b_resnet", {"depth": 20}), ("b_alexnet", {})])
+def test_trunk_heads_cost_at_most_a_quarter_of_the_main_path(name, options):
+  net = nets.get(name, **options, input_shape=(28, 28, 1), exit_heads="trunk")
+  variables = random_variables(net, 0)
+  main = cost.main_path_flops(net, variables)
+  heads = cost.head_flops(net, variables)
+  assert all(0 < h <= main / 4 for h in heads[:-1]), (heads, main)

@@ -113,6 +113,21 @@ def test_warmup_epochs_give_the_configs_warmup_steps(module, variant, train_exam
   assert train.num_warmup_steps(c, (train_examples - c.num_validation) // c.batch_size) == steps
 
 
+def test_the_configs_dataset_sizes_its_network():
+  c = resnet110_cifar10.get_config("smoke")
+  assert checkpoint.network(c).input_shape == (32, 32, 3)
+  c.dataset = "fashion_mnist"
+  net = checkpoint.network(c)
+  assert (net.name, net.input_shape, net.num_classes) == ("b_resnet20", (28, 28, 1), 10)
+  train.validate_config(c, net)
+  c.model_options.input_shape = [32, 32, 3]  # As config.json holds a tuple: options win.
+  c.dataset = "fashion_mnist"
+  net = checkpoint.network(c)
+  assert net.input_shape == (32, 32, 3)
+  with pytest.raises(ValueError, match=r"takes \(32, 32, 3\) images but fashion_mnist has"):
+    train.validate_config(c, net)
+
+
 def test_missing_data_is_a_clear_error(tmp_path):
   config = small_config(data_dir=str(tmp_path / "empty"))
   with pytest.raises(data.DataNotFoundError, match="not prepared.*experiments.prepare_data"):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnet_jax import nets
-from bnet_jax.inference.cascade import segment_fn
+from bnet_jax.inference.cascade import segment_fn, segments
 from bnet_jax.criteria import Criterion
 
 
@@ -43,6 +43,28 @@ def segment_flops(net: nets.Network, variables: nets.Variables,
     h = jax.eval_shape(fn, variables, h)[0]
     h = jnp.zeros(h.shape, h.dtype)
   return flops
+
+
+def head_flops(net: nets.Network, variables: nets.Variables,
+               criterion: Criterion | str = "entropy", batch_size: int = 1) -> list[float]:
+  """Per-sample FLOPs of each exit's head and score: its segment's minus its trunk's: E floats.
+
+  The trunk part is the segment's trunk stages compiled alone, so a segment's FLOPs
+  are its trunk's plus these; the last is the main head's share of the main path.
+  """
+  segment_costs = segment_flops(net, variables, criterion, batch_size)
+  net = net.with_conv_impl("xla")
+  h = jnp.zeros((batch_size, *net.input_shape), jnp.float32)
+  heads = []
+  for cost_k, stages in zip(segment_costs, segments(net)):
+    def trunk(v: nets.Variables, h: jax.Array, stages: tuple[int, ...] = stages) -> jax.Array:
+      for i in stages:
+        h = nets.apply_trunk(net, v, i, h)[0]
+      return h
+    heads.append(cost_k - compiled_flops(trunk, variables, h) / batch_size)
+    out = jax.eval_shape(trunk, variables, h)
+    h = jnp.zeros(out.shape, out.dtype)
+  return heads
 
 
 def main_path_flops(net: nets.Network, variables: nets.Variables, batch_size: int = 1) -> float:

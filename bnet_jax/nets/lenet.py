@@ -1,10 +1,12 @@
-"""B-LeNet (2 exits) and LeNet for 28x28x1 images, as in the authors' code.
+"""B-LeNet (2 exits) and LeNet as in the authors' code, for 28x28x1 images (MNIST) or others.
 
 Trunk: conv 1->5 5x5 pad 3 -> [exit 1] -> maxpool 2 -> ReLU -> conv 5->10 5x5 pad 3
 -> maxpool 2 -> ReLU -> conv 10->20 5x5 pad 3 -> maxpool 2 -> ReLU -> FC 720->84
 -> exit 2 = FC 84->10. Exit 1: maxpool 2 -> ReLU -> conv 5->10 3x3 pad 1 -> maxpool 2
 -> ReLU -> FC 640->10. Pooling rounds up (Chainer's cover_all): 28 -> 30 -> 15 ->
-17 -> 9 -> 11 -> 6 on the trunk, 15 -> 8 on the exit.
+17 -> 9 -> 11 -> 6 on the trunk, 15 -> 8 on the exit. Other input shapes change the
+input channels and sides (each 5x5 conv adds 2, each pool halves rounding up) and so the
+FC inputs; other class counts the exits' outputs.
 
 Exit 1 and the trunk both begin with the same maxpool + ReLU of conv1's output, so
 stage 1 ends after that pool and ReLU: the same function, computed once, and a 4x
@@ -40,15 +42,16 @@ class Stage1(nn.Module):
 
 
 class Exit1(nn.Module):
-  """(B, 15, 15, 5) -> (B, 10) logits."""
+  """(B, 15, 15, 5) -> (B, num_classes) logits."""
   conv_impl: str
   conv_kernel_grad: str = "autodiff"
   dtype: Any = jnp.float32
+  num_classes: int = 10
 
   @nn.compact
   def __call__(self, h: jax.Array, train: bool = False) -> jax.Array:
     h = _conv_pool_relu(10, 3, 1, self.conv_impl, self.conv_kernel_grad, self.dtype, h)
-    return nn.Dense(10, dtype=self.dtype)(h.reshape(h.shape[0], -1))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(h.reshape(h.shape[0], -1))
 
 
 class Stage2(nn.Module):
@@ -65,19 +68,20 @@ class Stage2(nn.Module):
 
 
 class MainExit(nn.Module):
-  """(B, 84) -> (B, 10) logits; no ReLU between the two FC layers, as in the code."""
+  """(B, 84) -> (B, num_classes) logits; no ReLU between the two FC layers, as in the code."""
   dtype: Any = jnp.float32
+  num_classes: int = 10
 
   @nn.compact
   def __call__(self, h: jax.Array, train: bool = False) -> jax.Array:
-    return nn.Dense(10, dtype=self.dtype)(h)
+    return nn.Dense(self.num_classes, dtype=self.dtype)(h)
 
 
 def b_lenet(conv1_impl: str = "xla", conv_impl: str = "xla", exit_conv_impl: str | None = None,
             dtype: Any = "float32", *, conv1_kernel_grad: str = "autodiff",
-            conv_kernel_grad: str = "autodiff", exit_conv_kernel_grad: str | None = None
-            ) -> Network:
-  """B-LeNet for MNIST-sized input.
+            conv_kernel_grad: str = "autodiff", exit_conv_kernel_grad: str | None = None,
+            input_shape: tuple[int, int, int] = (28, 28, 1), num_classes: int = 10) -> Network:
+  """B-LeNet for MNIST-sized input by default.
 
   `nets.get` fills the layer implementations per platform (`nets.resolve_options`):
   on CPU the fastest measured for training, and `nets.inference_options` the
@@ -94,6 +98,8 @@ def b_lenet(conv1_impl: str = "xla", conv_impl: str = "xla", exit_conv_impl: str
     conv_kernel_grad: the same for the other trunk convolutions.
     exit_conv_kernel_grad: the same for exit 1's convolution (None:
       `conv_kernel_grad` if `exit_conv_impl` is None too, else "autodiff").
+    input_shape: (H, W, C) of one image (a list is taken too).
+    num_classes: classes of both exits.
   """
   dtype = jnp.dtype(dtype)
   exit_grad = exit_conv_kernel_grad or (conv_kernel_grad if exit_conv_impl is None
@@ -101,10 +107,10 @@ def b_lenet(conv1_impl: str = "xla", conv_impl: str = "xla", exit_conv_impl: str
   return Network(
       name="b_lenet",
       stages=(Stage(Stage1(conv1_impl, conv1_kernel_grad, dtype),
-                    Exit1(exit_conv_impl or conv_impl, exit_grad, dtype)),
-              Stage(Stage2(conv_impl, conv_kernel_grad, dtype), MainExit(dtype))),
-      input_shape=(28, 28, 1),
-      num_classes=10)
+                    Exit1(exit_conv_impl or conv_impl, exit_grad, dtype, num_classes)),
+              Stage(Stage2(conv_impl, conv_kernel_grad, dtype), MainExit(dtype, num_classes))),
+      input_shape=tuple(input_shape),
+      num_classes=num_classes)
 
 
 def lenet(**kwargs) -> Network:

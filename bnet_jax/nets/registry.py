@@ -1,4 +1,8 @@
-"""Networks by name. A new family registers its constructors here."""
+"""Networks by name. A new family registers its constructors here.
+
+Every constructor takes the keyword options ``input_shape`` ((H, W, C)) and
+``num_classes``, which `training.checkpoint.network` fills from the config's dataset.
+"""
 
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -9,9 +13,11 @@ from bnet_jax.nets.core import Network
 _REGISTRY: dict[str, Callable[..., Network]] = {
     "b_lenet": lenet.b_lenet,
     "lenet": lenet.lenet,
-    "b_alexnet": alexnet.b_alexnet,  # Options: placement ("code" | "paper"), conv_*.
+    # Options: placement ("code" | "paper"), exit_heads ("authors" | "trunk"), conv_*.
+    "b_alexnet": alexnet.b_alexnet,
     "alexnet": alexnet.alexnet,
-    "b_resnet": resnet.b_resnet,  # Options: depth (6n+2, default 110), placement, conv_*.
+    # Options: depth (6n+2, default 110), placement, exit_heads, conv_*.
+    "b_resnet": resnet.b_resnet,
     "resnet": resnet.resnet,
 }
 

@@ -1,9 +1,14 @@
-"""B-ResNet (3 exits) and ResNet of depth 6n+2 for 32x32x3 images, as in the authors' code.
+"""B-ResNet (3 exits) and ResNet of depth 6n+2, as in the authors' code, for H x W x C images.
 
-Trunk: stem conv 3->16 3x3 pad 0 (32 -> 30), BN, ReLU -> n residual blocks at 16
-channels (30x30) -> n blocks at 32 (the first with stride 2: 30 -> 15) -> n blocks at
-64 (the first with stride 2: 15 -> 8) -> 6x6 stride-1 average pool (8 -> 3) ->
-exit 3 = FC 576->10 (3x3x64, the code's size). Depth 110 is n = 18.
+Sizes are given for an H x W x C input, with CIFAR-10's 32x32x3 in brackets; S = H - 2
+and T = W - 2 are the sides after the stem [30].
+
+Trunk: stem conv C->16 3x3 pad 0 (S x T), BN, ReLU -> n residual blocks at 16 channels
+(S x T) -> n blocks at 32 (the first with stride 2: ceil(S / 2) [15]) -> n blocks at 64
+(the first with stride 2: ceil(S / 4) [8]) -> 6x6 stride-1 average pool (ceil(S / 4) - 5
+[3]) -> exit 3 = FC (ceil(S / 4) - 5)(ceil(T / 4) - 5)64 [576, the code's size]
+->num_classes. The pool needs the last stage at least 6 wide: sides of at least 23
+(`MIN_SIDE`). Depth 110 is n = 18.
 
 Residual block: conv 3x3 pad 1 (stride s) + BN + ReLU, conv 3x3 pad 1 + BN, add the
 shortcut, ReLU. When the block changes shape the shortcut is "option A": the input
@@ -20,12 +25,19 @@ Exits (``placement``):
   exit 1 follows the first residual block (whose first conv is the 2nd conv layer);
   the later version of the authors' code branches at the same point. The 16-channel
   stage then has n - 1 blocks before exit 2, so the depth is unchanged. All shapes
-  stay 30x30x16, so the FC sizes are the same as for "code".
+  stay S x T x 16, so the heads are the same as for "code".
 
-Exit 1: conv 16->64 5x5 pad 2, ReLU, LRN, conv 64->32 3x3 pad 1 + ReLU, conv 32->32
-+ ReLU, FC 28800->10 (30x30x32). Exit 2 (after the 16-channel blocks): one residual
-block 16->16 and FC 14400->10 (30x30x16).
-Stage outputs: (30, 30, 16), (30, 30, 16), (576,).
+Exit heads (``exit_heads``), both on S x T x 16 maps:
+
+- ``"authors"`` (default), sized for ResNet-110. Exit 1: conv 16->64 5x5 pad 2, ReLU,
+  LRN, conv 64->32 3x3 pad 1 + ReLU, conv 32->32 + ReLU, FC S T 32 [28800]
+  ->num_classes. Exit 2 (after the 16-channel blocks): one residual block 16->16 and FC
+  S T 16 [14400]. Exit 1 alone costs more FLOPs than ResNet-20's whole main path.
+- ``"trunk"``, sized to the trunk: conv 16->32 3x3 stride 2 (the trunk's next
+  downsampling conv) + BN + ReLU, global average pool, FC 32->num_classes: about 3%
+  of ResNet-20's main-path FLOPs, less for deeper networks.
+
+Stage outputs: (S, T, 16), (S, T, 16), ((ceil(S / 4) - 5)(ceil(T / 4) - 5)64,).
 """
 
 import functools
@@ -40,7 +52,11 @@ from bnet_jax.nets.core import Network, Stage
 from bnet_jax.nets.lrn import paper_lrn
 
 PLACEMENTS = ("code", "paper")
+EXIT_HEADS = ("authors", "trunk")
 STANDARD_DEPTHS = (20, 32, 44, 56, 110)
+# The smallest image side: the stem takes 2, two stride-2 stages leave ceil(21 / 4) = 6,
+# the average pool's width.
+MIN_SIDE = 23
 
 _he_normal = nn.initializers.he_normal()
 
@@ -90,9 +106,11 @@ class Trunk(nn.Module):
   """A run of the trunk: optional stem, residual blocks, optional final pool.
 
   Attributes:
-    stem: start with conv 3->16 3x3 pad 0 + BN + ReLU: (B, 32, 32, 3) -> (B, 30, 30, 16).
+    stem: start with conv C->16 3x3 pad 0 + BN + ReLU: (B, H, W, C) -> (B, H - 2, W - 2,
+      16), e.g. 32x32x3 -> 30x30x16.
     blocks: (features, stride) of each residual block, in order.
-    pool: end with the 6x6 stride-1 average pool and flatten: (B, 8, 8, 64) -> (B, 576).
+    pool: end with the 6x6 stride-1 average pool and flatten: (B, H, W, 64) ->
+      (B, (H - 5)(W - 5)64), e.g. 8x8 -> 576.
     conv_impl: implementation of the stride-1 convolutions (`layers.CONV_IMPLS`).
     conv_kernel_grad: how their kernel gradients are computed (`layers.KERNEL_GRADS`).
     dtype: computation dtype.
@@ -120,7 +138,9 @@ class Trunk(nn.Module):
 
 
 class Exit1(nn.Module):
-  """(B, 30, 30, 16) -> (B, 10): conv 5x5 64, ReLU, LRN, conv 32 + ReLU, conv 32 + ReLU, FC."""
+  """The authors' exit 1, (B, H, W, 16) -> (B, num_classes): conv 5x5 64, ReLU, LRN,
+  conv 32 + ReLU, conv 32 + ReLU, FC."""
+  num_classes: int
   conv_impl: str = "xla"
   conv_kernel_grad: str = "autodiff"
   dtype: Any = jnp.float32
@@ -132,11 +152,12 @@ class Exit1(nn.Module):
     x = paper_lrn(nn.relu(conv(64, 5, padding=2, name="conv1")(x)))
     x = nn.relu(conv(32, 3, padding=1, name="conv2")(x))
     x = nn.relu(conv(32, 3, padding=1, name="conv3")(x))
-    return nn.Dense(10, dtype=self.dtype, name="fc")(_flatten(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(_flatten(x))
 
 
 class Exit2(nn.Module):
-  """(B, 30, 30, 16) -> (B, 10): one residual block 16->16, FC 14400->10."""
+  """The authors' exit 2, (B, H, W, 16) -> (B, num_classes): one residual block 16->16, FC."""
+  num_classes: int
   conv_impl: str = "xla"
   conv_kernel_grad: str = "autodiff"
   dtype: Any = jnp.float32
@@ -144,16 +165,33 @@ class Exit2(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = ResBlock(16, 1, self.conv_impl, self.conv_kernel_grad, self.dtype, name="block")(x, train)
-    return nn.Dense(10, dtype=self.dtype, name="fc")(_flatten(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(_flatten(x))
 
 
-class MainExit(nn.Module):
-  """(B, 576) -> (B, 10) logits."""
+class TrunkExit(nn.Module):
+  """An exit sized to the trunk, (B, H, W, C) -> (B, num_classes): conv 2C 3x3 stride 2 +
+  BN + ReLU (as the trunk's next downsampling conv), global average pool, FC. Like the
+  trunk's strided convs, its conv is Flax's whatever the stride-1 implementation."""
+  num_classes: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    return nn.Dense(10, dtype=self.dtype, name="fc")(x)
+    x = _conv3x3(2 * x.shape[-1], 2, "conv", self)(x)
+    x = nn.relu(_batch_norm(train, "bn", self.dtype)(x))
+    # A mean over H * W / 4 activations: float32 even in a bfloat16 network.
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
+
+
+class MainExit(nn.Module):
+  """(B, F) -> (B, num_classes) logits; F: the pooled last stage, 3x3x64 = 576 for CIFAR-10."""
+  num_classes: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
 
 
 def blocks_per_stage(depth: int) -> int:
@@ -164,13 +202,16 @@ def blocks_per_stage(depth: int) -> int:
   return (depth - 2) // 6
 
 
-def _name(prefix: str, depth: int, placement: str) -> str:
-  return f"{prefix}{depth}" + ("" if placement == "code" else f"_{placement}")
+def _name(prefix: str, depth: int, placement: str, exit_heads: str = "authors") -> str:
+  return (f"{prefix}{depth}" + ("" if placement == "code" else f"_{placement}")
+          + ("" if exit_heads == "authors" else "_trunk_heads"))
 
 
 def b_resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla",
-             dtype: Any = "float32", *, conv_kernel_grad: str = "autodiff") -> Network:
-  """B-ResNet for CIFAR-10.
+             dtype: Any = "float32", *, conv_kernel_grad: str = "autodiff",
+             input_shape: tuple[int, int, int] = (32, 32, 3), num_classes: int = 10,
+             exit_heads: str = "authors") -> Network:
+  """B-ResNet for H x W x C images (CIFAR-10 by default).
 
   Args:
     depth: 6n + 2 (110 as in the paper; 20, 32, 56 are standard smaller ones; 8 is
@@ -181,9 +222,15 @@ def b_resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla",
       stay float32).
     conv_kernel_grad: how their kernel gradients are computed (a `layers.KERNEL_GRADS`
       name).
+    input_shape: (H, W, C) of one image (a list is taken too); sides of at least
+      `MIN_SIDE`.
+    num_classes: classes of every exit.
+    exit_heads: "authors" (sized for ResNet-110) or "trunk" (one strided conv, global
+      average pool, FC: see the module docstring).
 
   Returns:
-    A 3-exit `Network` named "b_resnet{depth}" ("b_resnet{depth}_paper").
+    A 3-exit `Network` named "b_resnet{depth}" ("b_resnet{depth}_paper";
+    "_trunk_heads" appended for trunk heads).
   """
   n = blocks_per_stage(depth)
   if placement not in PLACEMENTS:
@@ -191,20 +238,32 @@ def b_resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla",
   if placement == "paper" and n < 2:
     raise ValueError(f"placement='paper' needs depth >= 14 (a block before exit 1 and one "
                      f"between the exits); got {depth}.")
+  if exit_heads not in EXIT_HEADS:
+    raise ValueError(f"Unknown exit_heads {exit_heads!r}; expected one of {EXIT_HEADS}.")
+  input_shape = tuple(input_shape)
+  if min(input_shape[:2]) < MIN_SIDE:
+    raise ValueError(f"ResNet needs images of at least {MIN_SIDE}x{MIN_SIDE} (its 6x6 average "
+                     f"pool); got {input_shape[0]}x{input_shape[1]}.")
   first = 1 if placement == "paper" else 0  # Blocks at 16 channels before exit 1.
   stage = lambda features: tuple((features, 2 if i == 0 and features > 16 else 1)
                                  for i in range(n))
   convs = dict(conv_impl=conv_impl, conv_kernel_grad=conv_kernel_grad, dtype=jnp.dtype(dtype))
   trunk = functools.partial(Trunk, **convs)
-  stages = (Stage(trunk(True, stage(16)[:first], False), Exit1(**convs)),
-            Stage(trunk(False, stage(16)[first:], False), Exit2(**convs)),
-            Stage(trunk(False, stage(32) + stage(64), True), MainExit(convs["dtype"])))
-  return Network(name=_name("b_resnet", depth, placement), stages=stages,
-                 input_shape=(32, 32, 3), num_classes=10)
+  if exit_heads == "authors":
+    heads = (Exit1(num_classes, **convs), Exit2(num_classes, **convs))
+  else:
+    heads = (TrunkExit(num_classes, convs["dtype"]), TrunkExit(num_classes, convs["dtype"]))
+  stages = (Stage(trunk(True, stage(16)[:first], False), heads[0]),
+            Stage(trunk(False, stage(16)[first:], False), heads[1]),
+            Stage(trunk(False, stage(32) + stage(64), True), MainExit(num_classes, convs["dtype"])))
+  return Network(name=_name("b_resnet", depth, placement, exit_heads), stages=stages,
+                 input_shape=input_shape, num_classes=num_classes)
 
 
 def resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla",
-           dtype: Any = "float32", *, conv_kernel_grad: str = "autodiff") -> Network:
+           dtype: Any = "float32", *, conv_kernel_grad: str = "autodiff",
+           input_shape: tuple[int, int, int] = (32, 32, 3), num_classes: int = 10) -> Network:
   """ResNet: B-ResNet's trunk and main exit, parameters named as in B-ResNet."""
-  return b_resnet(depth, placement, conv_impl, dtype, conv_kernel_grad=conv_kernel_grad
+  return b_resnet(depth, placement, conv_impl, dtype, conv_kernel_grad=conv_kernel_grad,
+                  input_shape=input_shape, num_classes=num_classes
                   ).main_network(name=_name("resnet", depth, placement))
