@@ -44,7 +44,10 @@ def test_field_kinds_partition_the_common_fields():
   fields = common.base("b_resnet", {"depth": 110, "placement": "code", "conv_impl": "auto"},
                        "cifar10", 3).to_dict()
   top = [f for f in train.TRAINING_FIELDS + train.RUN_CONTROL_FIELDS if "." not in f]
-  assert sorted(top) == sorted(fields) and len(top) == len(set(top))
+  # Fields that configs may lack are read with their defaults (train.FIELD_DEFAULTS).
+  assert sorted(top) == sorted(set(fields) | set(train.FIELD_DEFAULTS))
+  assert len(top) == len(set(top))
+  assert all(train.is_training_field(f) for f in train.FIELD_DEFAULTS)
   assert not train.is_training_field("model_options.conv_impl")
   assert not train.is_training_field("model_options.conv_kernel_grad")
   assert train.is_training_field("model_options.depth")

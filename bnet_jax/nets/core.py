@@ -8,7 +8,8 @@ without a head (a plain network's inner stages) are only trunk.
 Variables are a dict of collections (``"params"``, and ``"batch_stats"`` for
 networks with BatchNorm), each keyed by module name: ``trunk_i`` and ``head_i``.
 A plain network obtained with `Network.main_network` has the same names minus the
-inner heads, so a BranchyNet's parameters run its main path unchanged.
+inner heads, so a BranchyNet's parameters run its main path unchanged, and a trained
+plain network's variables become a BranchyNet's main path (`transplant`).
 
 Every module is called as ``module(x, train=bool)``. Modules are applied one at a
 time with their own slice of the variables: the same parameters run in one fused
@@ -19,6 +20,7 @@ early-exit cascade and cost accounting rely on.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -183,7 +185,8 @@ def apply_head(net: Network, variables: Variables, i: int, h: jax.Array, *,
 
 
 def forward(net: Network, variables: Variables, x: jax.Array, *, train: bool = False,
-            rng: jax.Array | None = None) -> tuple[Outputs, Variables]:
+            rng: jax.Array | None = None, eval_modules: Collection[str] = ()
+            ) -> tuple[Outputs, Variables]:
   """All exits in one pass.
 
   Args:
@@ -193,23 +196,88 @@ def forward(net: Network, variables: Variables, x: jax.Array, *, train: bool = F
       them to the network's compute dtype).
     train: batch statistics and dropout when True; running statistics otherwise.
     rng: dropout key (needed only by networks with dropout, in training).
+    eval_modules: names of modules (``trunk_i``, ``head_i``) that run in eval mode even
+      when `train` is True (running statistics, no dropout, no updates): a frozen trunk
+      computes what it computes in inference.
 
   Returns:
     `Outputs` with float32 logits (E, B, C) and entropy (E, B), and the updated mutable
-    collections (empty unless `train`).
+    collections (empty unless `train`; none of `eval_modules`).
   """
   updates: Variables = {}
   logits = []
   h = x
   for i, stage in enumerate(net.stages):
-    h, u = apply_trunk(net, variables, i, h, train=train, rng=rng)
+    h, u = apply_trunk(net, variables, i, h, train=train and f"trunk_{i}" not in eval_modules,
+                       rng=rng)
     _merge(updates, u)
     if stage.head is not None:
-      z, u = apply_head(net, variables, i, h, train=train, rng=rng)
+      z, u = apply_head(net, variables, i, h, train=train and f"head_{i}" not in eval_modules,
+                        rng=rng)
       _merge(updates, u)
       logits.append(z)
   logits = jnp.stack(logits)
   return Outputs(logits, criteria.entropy(logits)), updates
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{leaf path, e.g. "['Dense_0']['kernel']": shape} of a pytree."""
+  return {jax.tree_util.keystr(path): tuple(np.shape(leaf))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def transplant(net: Network, trained: Variables, fresh: Variables,
+               rename: Mapping[str, str] | None = None) -> Variables:
+  """`net`'s variables with its main path from a trained plain network: exits on a trained
+  network (SDN's internal classifiers).
+
+  Every module of `net.main_network()` (each trunk stage and the main exit) takes all its
+  collections (parameters, BatchNorm statistics) from `trained`; the other exits' heads
+  keep `fresh`'s. `trained`'s arrays are copied: a train step donates its state's buffers,
+  and `trained` stays usable.
+
+  Args:
+    net: the multi-exit network.
+    trained: ``{collection: {module: tree}}`` of the trained plain network, its modules
+      named as `net`'s (``trunk_i`` and the last ``head_i``: the networks this library
+      trains), or as the user's own model names them, with `rename`.
+    fresh: every module's variables, e.g. ``nets.init(net, key)``.
+    rename: {a top-level module name in `trained`: `net`'s name for it}, e.g.
+      ``{"features": "trunk_0", "classifier": "head_1"}`` for a model whose submodules
+      are `net`'s stages.
+
+  Returns:
+    `fresh` with the main path's subtrees replaced by `trained`'s.
+
+  Raises:
+    ValueError: `trained` lacks a main-path module's collection, holds a module that is
+      not on the main path, or a leaf's name or shape differs (the first one named).
+  """
+  rename = rename or {}
+  main = set(module_names(net.main_network()))
+  out = {col: dict(tree) for col, tree in fresh.items()}
+  for col, tree in trained.items():
+    for name, subtree in tree.items():
+      name = rename.get(name, name)
+      if name not in main or name not in fresh.get(col, {}):
+        raise ValueError(
+            f"trained {col} hold module {name!r}, which {net.name}'s main path lacks (its "
+            f"modules: {', '.join(sorted(main))}): map your names with rename={{...}}.")
+      want, got = _leaf_shapes(fresh[col][name]), _leaf_shapes(subtree)
+      if want != got:
+        leaf = next(k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k))
+        raise ValueError(
+            f"trained {col}[{name!r}]{leaf} has shape {got.get(leaf, 'absent')} but "
+            f"{net.name} needs {want.get(leaf, 'absent')}: the stage modules must be the "
+            f"trained model's own.")
+      out[col][name] = jax.tree.map(jnp.array, subtree)
+  for col, tree in fresh.items():
+    missing = sorted((main & set(tree)) - {rename.get(n, n) for n in trained.get(col, {})})
+    if missing:
+      raise ValueError(f"trained variables lack {col} of {', '.join(missing)} on "
+                       f"{net.name}'s main path: pass every collection of every trunk "
+                       f"stage and the main exit (rename maps other names).")
+  return out
 
 
 def main_logits(net: Network, variables: Variables, x: jax.Array) -> jax.Array:

@@ -209,6 +209,8 @@ def network(config: ml_collections.ConfigDict, compute_dtype: str | None = None,
             **model_options: Any) -> nets.Network:
   """The network a training config describes, with some layer options overridden.
 
+  The network takes the dataset's images and classes (``input_shape``, ``num_classes``
+  from `data.spec`) unless the options give them, so configs need not repeat them.
   "auto" layer implementations are chosen for the running platform
   (`nets.resolve_options`); none of them changes the parameters.
 
@@ -218,8 +220,13 @@ def network(config: ml_collections.ConfigDict, compute_dtype: str | None = None,
       ``compute_dtype``; float32 for configs written before it existed).
     **model_options: options replacing the config's ``model_options``.
   """
+  from bnet_jax.inputs import data  # noqa: PLC0415
+
   dtype = runtime.compute_dtype(compute_dtype or config.get("compute_dtype", "float32"))
-  return nets.get(config.model, dtype=dtype, **{**config.model_options.to_dict(), **model_options})
+  dataset = data.spec(config.dataset)
+  return nets.get(config.model, dtype=dtype, **{
+      "input_shape": dataset.image_shape, "num_classes": dataset.num_classes,
+      **config.model_options.to_dict(), **model_options})
 
 
 def environment() -> dict:
@@ -283,14 +290,16 @@ def runs(workdir: str) -> list[dict]:
 
 
 def record_run(workdir: str, start_step: int, net: nets.Network, model_options: dict,
-               compute_dtype: str, data_dir: str, steps_per_epoch: int, warmup_steps: int
-               ) -> dict:
+               compute_dtype: str, data_dir: str, steps_per_epoch: int, warmup_steps: int,
+               initialised_from: dict | None = None) -> dict:
   """Appends this run's resolved choices and environment to ``workdir/runs.json``.
 
   What "auto" became on this platform is recorded here, beside config.json, which
   keeps the user's fields as given; so are the absolute TFDS `data_dir` it read
-  (`read_config` falls back to it) and the steps its epochs and warmup came to.
-  Process 0 writes; a resumed run (on any backend) appends its own entry.
+  (`read_config` falls back to it), the steps its epochs and warmup came to, and, as
+  "init_from", `initialised_from`: ``{"workdir", "step"}`` of the checkpoint a fresh run
+  started from (`init_from`; None: none). Process 0 writes; a resumed run (on any
+  backend) appends its own entry.
 
   Returns:
     The entry.
@@ -298,8 +307,8 @@ def record_run(workdir: str, start_step: int, net: nets.Network, model_options: 
   entry = {"start_step": int(start_step), "network": net.name, "time": _utc_now(),
            "model_options": dict(model_options), "compute_dtype": compute_dtype,
            "data_dir": data_dir, "steps_per_epoch": int(steps_per_epoch),
-           "warmup_steps": int(warmup_steps), "xla_compiler_options": runtime.compiler_options(),
-           **environment()}
+           "warmup_steps": int(warmup_steps), "init_from": initialised_from,
+           "xla_compiler_options": runtime.compiler_options(), **environment()}
   if jax.process_index() == 0:
     write_json(os.path.join(workdir, RUNS_FILE), {"runs": runs(workdir) + [entry]})
   return entry
@@ -352,3 +361,55 @@ def load_trained(workdir: str, *, step: int | None = None, mesh: Mesh | None = N
   if record(net.name, "", state["params"]) != record(net.name, "", abstract):
     raise CheckpointMismatchError(f"The checkpoint in {workdir} does not fit {net.name}.")
   return Trained(config, net, {"params": state["params"], **state["model_state"]}, step)
+
+
+def _main_network_name(net: nets.Network) -> str:
+  """How messages name `net`'s plain main network: "'lenet' (b_lenet's main network)"."""
+  plain = net.name.removeprefix("b_")  # The registry's pairs: b_lenet/lenet, b_resnet8/resnet8.
+  return f"{plain!r} ({net.name}'s main network)" if plain != net.name else (
+      f"{net.name}'s main network")
+
+
+def init_from(workdir: str, net: nets.Network, variables: dict, dataset: str,
+              mesh: Mesh | None = None) -> tuple[dict, int]:
+  """`variables` of `net` with its trunk and main exit from `workdir`'s trained plain network.
+
+  `workdir` must hold `net.main_network()` (same module names and shapes: e.g. model
+  "lenet" for "b_lenet") trained on `dataset`; its newest readable checkpoint is used
+  (`load_trained`), and every parameter and BatchNorm statistic is copied
+  (`nets.transplant`); the early exits' heads keep `variables`'.
+
+  Args:
+    workdir: the plain network's workdir (``config.init_from``).
+    net: the multi-exit network.
+    variables: `net`'s fresh variables (`nets.init`).
+    dataset: the dataset `net` trains on.
+    mesh: restore replicated on this mesh (see `load_trained`).
+
+  Returns:
+    (variables, the checkpoint's step).
+
+  Raises:
+    FileNotFoundError: `workdir` is missing or holds no trained model.
+    CheckpointMismatchError: it holds another model, or one trained on another dataset.
+  """
+  expected = _main_network_name(net)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"init_from={workdir} does not exist: pass the workdir where "
+                            f"{expected} was trained.")
+  trained = load_trained(workdir, mesh=mesh)
+  main = [m for m in nets.module_names(net.main_network()) if m in variables["params"]]
+  found = record(trained.net.name, trained.config.dataset, trained.variables["params"])
+  want = record(net.name, dataset, {m: variables["params"][m] for m in main})
+  if found["param_shapes"] != want["param_shapes"]:
+    diff = _shape_diff(found["param_shapes"], want["param_shapes"])
+    raise CheckpointMismatchError(
+        f"init_from={workdir} holds model {trained.net.name!r} (step {trained.step}), but "
+        f"{net.name}'s exits go on {expected} ({len(diff)} parameters differ, e.g. "
+        f"{diff[0]}): pass a workdir of that network. Nothing was written.")
+  if trained.config.dataset != dataset:
+    raise CheckpointMismatchError(
+        f"init_from={workdir} holds {trained.net.name!r} trained on {trained.config.dataset!r}, "
+        f"but this run is on {dataset!r}: pass a workdir trained on {dataset!r}. Nothing was "
+        f"written.")
+  return nets.transplant(net, trained.variables, variables), trained.step

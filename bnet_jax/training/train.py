@@ -8,6 +8,13 @@ a checkpoint's step says which phase produced it and a resumed run continues
 exactly where it stopped: batches, augmentation and dropout keys are all derived
 from (seed, step).
 
+Exits on a trained network (SDN's "IC-only" training): ``config.init_from`` names the
+workdir of the plain main network (e.g. model "lenet" for "b_lenet"); a fresh run starts
+from its newest readable checkpoint, every module they share copied and the new heads
+freshly initialised (`checkpoint.init_from`). ``config.train_trunk=False`` then trains
+the early exits' heads alone on the frozen trunk and main exit (`heads_only_phase`);
+True fine-tunes everything in the usual joint phase.
+
 A config's fields are of two kinds (`TRAINING_FIELDS`, `RUN_CONTROL_FIELDS`). On
 resume, a changed training-defining field is refused (`ConfigChangeError`) unless
 ``allow_config_change`` is set, except more epochs, which train further; accepted
@@ -45,7 +52,12 @@ from bnet_jax.training import checkpoint, evaluate, losses, summary
 TRAINING_FIELDS = ("model", "model_options", "dataset", "seed", "batch_size", "main_epochs",
                    "joint_epochs", "loss_weights", "optimizer", "learning_rate", "momentum",
                    "beta1", "beta2", "weight_decay", "lr_schedule", "warmup_epochs", "augment",
-                   "max_shift", "num_validation")
+                   "max_shift", "num_validation", "init_from", "train_trunk")
+# Training-defining fields that configs may lack (newer than most of them): the value an
+# absent one means, wherever a config or config.json is read or compared. init_from: the
+# workdir of the plain main network to start from ("": none); train_trunk: False trains
+# only the early exits' heads (`heads_only_phase`).
+FIELD_DEFAULTS = {"init_from": "", "train_trunk": True}
 # Fields that say how this run executes, free to change on resume. compute_dtype is
 # here although bfloat16 changes the numerics: parameters and optimizer state stay
 # float32 whatever it is, and "auto" resolves per platform, so resuming a CPU run on
@@ -123,10 +135,16 @@ def migrate_config(old: dict, config: ml_collections.ConfigDict, steps_per_epoch
   return fields
 
 
+def field_value(config: ml_collections.ConfigDict, name: str) -> Any:
+  """``config.name``, or its `FIELD_DEFAULTS` value if the config lacks it."""
+  return config.get(name, FIELD_DEFAULTS[name])
+
+
 def _canonical(fields: dict) -> dict:
   """`fields` with the network options spelled canonically (an old layer-implementation
-  name as its current equivalent), so that a renamed option is no change."""
-  return {**fields,
+  name as its current equivalent) and absent `FIELD_DEFAULTS` fields at their defaults,
+  so that a renamed option or a config written before a field is no change."""
+  return {**FIELD_DEFAULTS, **fields,
           "model_options": nets.canonical_options(fields["model"], fields["model_options"])}
 
 
@@ -138,8 +156,16 @@ def check_config_change(old: dict, config: ml_collections.ConfigDict, step: int
   Raises:
     ConfigChangeError: a training-defining field other than the epochs differs and
       ``config.allow_config_change`` is False; the message lists each (old -> new).
+      train_trunk is refused even then: the checkpoint's optimizer state covers the
+      modules its phase trained.
   """
   changes = config_changes(_canonical(old), _canonical(config_fields(config)))
+  if "train_trunk" in changes:
+    before, after = changes["train_trunk"]
+    raise ConfigChangeError(
+        f"train_trunk: {before!r} -> {after!r}: the checkpoint (step {step}) holds optimizer "
+        f"state for {'every module' if before else 'the exit heads only'}, so it continues "
+        f"only with train_trunk={before!r}; use another --workdir. Nothing was written.")
   refused = _needing_override(changes)
   if refused and not config.allow_config_change:
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
@@ -235,20 +261,60 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-  """A stretch of training: which network's loss, over which steps."""
+  """A stretch of training: which network's loss, over which steps.
+
+  Attributes:
+    frozen: modules (``trunk_i``, ``head_i``) of `net` the phase neither updates nor runs
+      in train mode: BatchNorm on its running statistics, which stay as they are, and no
+      dropout, so they compute what they compute in inference (`heads_only_phase`).
+  """
   name: str
   net: nets.Network
   loss_weights: tuple[float, ...]
   first_step: int
   num_steps: int
+  frozen: frozenset[str] = frozenset()
 
   @property
   def end_step(self) -> int:
     return self.first_step + self.num_steps
 
   def trainable(self, params: dict) -> dict:
-    """The part of `params` this phase updates (modules without parameters skipped)."""
-    return {k: params[k] for k in nets.module_names(self.net) if k in params}
+    """The part of `params` this phase updates (frozen modules and modules without
+    parameters skipped): the optimizer state covers these alone."""
+    return {k: params[k] for k in nets.module_names(self.net)
+            if k in params and k not in self.frozen}
+
+
+def heads_only_phase(net: nets.Network, num_steps: int,
+                     loss_weights: tuple[float, ...] | None = None, first_step: int = 0
+                     ) -> Phase:
+  """A phase that trains only the early exits' heads of `net` on its trained main network
+  (SDN's "IC-only" training; start from `nets.transplant`'s variables).
+
+  The trunk and the main exit are frozen (`Phase.frozen`: not updated, eval mode with
+  the loaded BatchNorm statistics), so the main exit predicts exactly what the trained
+  plain network predicts and the heads learn on the features inference gives them. The
+  main exit's loss weight is 0: its loss does not depend on the heads.
+
+  Args:
+    net: the multi-exit network.
+    num_steps: steps of the phase.
+    loss_weights: (E,) per-exit weights (None: 1.0 each); the last is replaced by 0.
+    first_step: the global step the phase starts at.
+
+  Returns:
+    The phase, named "heads"; `make_train_step` and `initial_state` take it.
+
+  Raises:
+    ValueError: `net` has no early exit, or `loss_weights` is not one weight per exit.
+  """
+  weights = tuple(loss_weights or (1.0,) * net.num_exits)
+  if net.num_exits < 2 or len(weights) != net.num_exits:
+    raise ValueError(f"Heads-only training needs early exits and one loss weight per exit; "
+                     f"{net.name} has {net.num_exits} exit(s) and {len(weights)} weight(s).")
+  return Phase("heads", net, (*weights[:-1], 0.0), first_step, num_steps,
+               frozenset(nets.module_names(net.main_network())))
 
 
 def validate_config(config: ml_collections.ConfigDict, net: nets.Network) -> None:
@@ -278,6 +344,15 @@ def validate_config(config: ml_collections.ConfigDict, net: nets.Network) -> Non
        f"'{tuple([1.0] * net.num_exits)}'.")
   need(config.learning_rate > 0, f"learning_rate must be positive; got {config.learning_rate}.")
   need(0 <= config.beta1 < 1 and 0 <= config.beta2 < 1, "beta1 and beta2 must lie in [0, 1).")
+  init_from, train_trunk = field_value(config, "init_from"), field_value(config, "train_trunk")
+  need(isinstance(init_from, str), f"init_from must be a workdir path or ''; got {init_from!r}.")
+  need(isinstance(train_trunk, bool), f"train_trunk must be True or False; got {train_trunk!r}.")
+  need(train_trunk or init_from,
+       "train_trunk=False freezes the trunk and main exit, so they must be trained ones: set "
+       "--config.init_from=W, the workdir of the plain main network.")
+  need(train_trunk or config.main_epochs == 0,
+       f"main_epochs is {config.main_epochs} but train_trunk=False trains the exit heads "
+       f"alone, with no main phase: set --config.main_epochs=0.")
   need(config.weight_decay >= 0, "weight_decay must be >= 0.")
   need(config.lr_schedule in ("constant", "cosine"),
        f"lr_schedule must be 'constant' or 'cosine'; got {config.lr_schedule!r}.")
@@ -353,7 +428,8 @@ def make_train_step(phase: Phase, tx: optax.GradientTransformation, augmentation
 
     def loss_fn(train_params):
       variables = {"params": {**state.params, **train_params}, **state.model_state}
-      out, updates = nets.forward(phase.net, variables, images, train=True, rng=dropout_key)
+      out, updates = nets.forward(phase.net, variables, images, train=True, rng=dropout_key,
+                                  eval_modules=phase.frozen)
       loss, per_exit = losses.joint_cross_entropy(out.logits, batch["label"], weights)
       return loss, (per_exit, out.logits, updates)
 
@@ -378,15 +454,17 @@ def make_train_step(phase: Phase, tx: optax.GradientTransformation, augmentation
 
 def make_phases(config: ml_collections.ConfigDict, net: nets.Network,
                 steps_per_epoch: int) -> list[Phase]:
-  """The non-empty phases of the schedule: main network alone, then joint."""
-  main = net.main_network()
-  specs = [("main", main, (1.0,), config.main_epochs),
-           ("joint", net, tuple(config.loss_weights), config.joint_epochs)]
-  phases, first = [], 0
-  for name, phase_net, weights, epochs in specs:
-    if epochs:
-      phases.append(Phase(name, phase_net, weights, first, epochs * steps_per_epoch))
-      first += epochs * steps_per_epoch
+  """The non-empty phases of the schedule: main network alone, then joint (the early
+  exits' heads alone, `heads_only_phase`, when ``config.train_trunk`` is False)."""
+  main_steps = config.main_epochs * steps_per_epoch
+  joint_steps = config.joint_epochs * steps_per_epoch
+  phases = []
+  if main_steps:
+    phases.append(Phase("main", net.main_network(), (1.0,), 0, main_steps))
+  if joint_steps and not field_value(config, "train_trunk"):
+    phases.append(heads_only_phase(net, joint_steps, tuple(config.loss_weights), main_steps))
+  elif joint_steps:
+    phases.append(Phase("joint", net, tuple(config.loss_weights), main_steps, joint_steps))
   return phases
 
 
@@ -431,7 +509,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   layer implementations and ``config.compute_dtype`` are chosen for the running
   platform, and ``config.warmup_epochs`` becomes steps (`num_warmup_steps`); what they
   became, with the resolved TFDS data dir and the steps per epoch, is appended to
-  ``workdir/runs.json`` (`checkpoint.record_run`). Unless training stops early
+  ``workdir/runs.json`` (`checkpoint.record_run`). A fresh run with ``config.init_from``
+  starts from that workdir's trained plain network (`checkpoint.init_from`; runs.json
+  records its step), and ``config.train_trunk=False`` trains the early exits' heads
+  alone (`heads_only_phase`). Unless training stops early
   (`config.halt_after_steps`), ends by writing ``workdir/eval.json``:
   ``{"validation": {"num_examples", "accuracy_per_exit"}, "test": {...}}``.
 
@@ -459,6 +540,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Nothing is written before these checks pass.
   latest, unreadable = checkpoint.newest_intact(workdir)
   checkpoint.check_compatible(workdir, identity, latest)
+  init_from = field_value(config, "init_from") if latest is None else ""  # Resumes ignore it.
+  if init_from:
+    variables, init_step = checkpoint.init_from(init_from, net, variables, config.dataset, mesh)
   data_dir = data.resolve_data_dir(config.data_dir or None)
   splits = data.load_splits(config.dataset, config.num_validation, data_dir,
                             download=config.download,
@@ -490,8 +574,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     override=bool(_needing_override(changes)))
   if epochs_line:
     _report(epochs_line)
+  if init_from:
+    _report(f"Initialised from {init_from} (step {init_step}): trunk and main exit trained, "
+            f"the early exits' heads new.")
   checkpoint.record_run(workdir, latest or 0, net, options, dtype, data_dir, steps_per_epoch,
-                        warmup_steps)
+                        warmup_steps, initialised_from={
+                            "workdir": os.path.abspath(init_from), "step": init_step
+                        } if init_from else None)
 
   mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints)
   step = latest or 0

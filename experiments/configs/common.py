@@ -45,6 +45,10 @@ def base(model: str, model_options: dict, dataset: str, num_exits: int
   c.warmup_epochs = 0.0
   c.augment = "none"  # "shift" (random translations) or "crop_flip"; up to max_shift px.
   c.max_shift = 2
+  # Exits on a trained plain network: its workdir, and whether the trunk trains too
+  # (False: heads only, trunk and main exit frozen; needs main_epochs = 0).
+  c.init_from = ""
+  c.train_trunk = True
 
   c.eval_batch_size = 1000
   c.checkpoint_every_epochs = 5
