@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bnet_jax import nets, runtime
+from bnet_jax.inputs import data
 
 RUNS_FILE = "runs.json"
 CONFIG_HISTORY_FILE = "config_history.json"
@@ -220,8 +221,6 @@ def network(config: ml_collections.ConfigDict, compute_dtype: str | None = None,
       ``compute_dtype``; float32 for configs written before it existed).
     **model_options: options replacing the config's ``model_options``.
   """
-  from bnet_jax.inputs import data  # noqa: PLC0415
-
   dtype = runtime.compute_dtype(compute_dtype or config.get("compute_dtype", "float32"))
   dataset = data.spec(config.dataset)
   return nets.get(config.model, dtype=dtype, **{
