@@ -78,7 +78,8 @@ def test_pooled_conv_matches_conv_then_numpy_pool(conv_case, impl, pool):
   got = jax.jit(conv.apply)(variables, x)
   np.testing.assert_allclose(got, _numpy_pool_ceil(np.asarray(want), pool), atol=1e-5, rtol=1e-5)
   ref = layers.Conv(cout, k, padding=pad, impl="xla", pool=pool)
-  grads = lambda m: jax.grad(lambda v, x: jnp.sum(m.apply(v, x) ** 2), (0, 1))(variables, x)
+  grads = lambda m: jax.jit(jax.grad(lambda v, x: jnp.sum(m.apply(v, x) ** 2), (0, 1)))(
+      variables, x)
   (got_v, got_x), (want_v, want_x) = grads(conv), grads(ref)
   for g, want_g in ((got_v["params"]["kernel"], want_v["params"]["kernel"]), (got_x, want_x)):
     np.testing.assert_allclose(g, want_g, atol=1e-3 * float(jnp.max(jnp.abs(want_g))), rtol=1e-4)
