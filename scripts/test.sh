@@ -6,13 +6,17 @@
 #           unconstrained, extra test only: no TensorFlow), in .venv-newest.
 # Usage: bash scripts/test.sh [pytest args for the lowest leg]
 #   BNET_LEGS=lowest|newest|both (default both) picks the legs; BNET_NEWEST_LEG=0
-#   drops the newest leg where no Python >= 3.12 is installed. Exits nonzero if a leg
-#   fails. Delete .venv-newest to pick up a newer JAX release.
+#   drops the newest leg where no Python >= 3.12 is installed; BNET_TEST_WORKERS
+#   (default 2) test processes per leg, each taking whole test files (pytest-xdist;
+#   0: one process). Exits nonzero if a leg fails. Delete .venv-newest to pick up a
+#   newer JAX release.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
 LEGS="${BNET_LEGS:-both}"
+WORKERS="${BNET_TEST_WORKERS:-2}"
+[[ "$WORKERS" =~ ^[0-9]+$ ]] || { echo "BNET_TEST_WORKERS must be a whole number, not '$WORKERS'" >&2; exit 2; }
 case "$LEGS" in
   lowest | newest | both) ;;
   *) echo "BNET_LEGS must be lowest, newest or both, not '$LEGS'" >&2; exit 2 ;;
@@ -57,7 +61,7 @@ run_leg() {
     source scripts/setup.sh
     echo "== leg $name: $(python --version), $BNET_VENV"
     python -m pip freeze | grep -iE "^(jax|jaxlib|flax|optax|orbax)"
-    python -m pytest -q -p no:cacheprovider "$@"
+    python -m pytest -q -p no:cacheprovider -n "$WORKERS" --dist loadfile "$@"
   )
   rc=$?
   set -e
