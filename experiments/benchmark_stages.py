@@ -19,17 +19,15 @@ if __name__ == "__main__":  # Before JAX loads: restart with tcmalloc (experimen
   from experiments import preload
   preload.reexec_with_tcmalloc()
 
-import ast
 import json
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags
 
-from bnet_jax import cascade, cost, data, nets, runtime, timing, train
-from experiments import errors
+from bnet_jax import cascade, cost, data, nets, runtime, timing
+from experiments import errors, train_runner
 
 _MODEL = flags.DEFINE_string("model", "b_alexnet", "Registered network name.")
 _OPTIONS = flags.DEFINE_list("options", [], "Network options as KEY=VALUE, e.g. depth=110.")
@@ -44,20 +42,6 @@ _TRAIN_BATCH = flags.DEFINE_integer("train_batch_size", 128, "Joint training bat
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 3, "Train steps per timed repeat.")
 _TRAIN_REPEATS = flags.DEFINE_integer("train_repeats", 3, "Timed repeats of the train steps.")
 _JSON = flags.DEFINE_string("json", None, "Write the results here as JSON.")
-
-
-def parse_options(items: list[str]) -> dict:
-  """["depth=110", "placement=paper"] -> {"depth": 110, "placement": "paper"}."""
-  options = {}
-  for item in items:
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise app.UsageError(f"--options takes KEY=VALUE items; got {item!r}.")
-    try:
-      options[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      options[key] = value  # A bare string such as paper.
-  return options
 
 
 def segment_seconds(net: nets.Network, variables: nets.Variables, batch_size: int,
@@ -79,23 +63,7 @@ def segment_seconds(net: nets.Network, variables: nets.Variables, batch_size: in
 
 def train_images_per_s(net: nets.Network, batch_size: int, steps: int, repeats: int) -> float:
   """Joint training throughput: Adam steps on a fixed random batch, median of repeats."""
-  phase = train.Phase("joint", net, (1.0,) * net.num_exits, 0, 1)
-  config = ml_collections.ConfigDict(dict(learning_rate=1e-3, beta1=0.9, beta2=0.999,
-                                          weight_decay=0.0, lr_schedule="constant",
-                                          optimizer="adam"))
-  tx = train.make_optimizer(config, 1)
-  state = [train.initial_state(phase, tx, nets.init(net, jax.random.key(0)), 0)]
-  step = train.make_train_step(phase, tx)
-  rng = np.random.default_rng(0)
-  batch = {"image": rng.standard_normal((batch_size, *net.input_shape)).astype(np.float32),
-           "label": rng.integers(0, net.num_classes, batch_size).astype(np.int32)}
-  key = jax.random.key(0)
-
-  def run() -> None:
-    for _ in range(steps):
-      state[0], metrics = step(state[0], batch, key)
-    jax.block_until_ready(metrics)
-
+  run = train_runner.joint_step_runner(net, train_runner.random_batch(net, batch_size), steps)
   seconds = timing.interleaved_medians({"train": run}, repeats=repeats, warmup=1)["train"]
   return steps * batch_size / seconds
 
@@ -114,7 +82,7 @@ def main(argv: list[str]) -> None:
   except ValueError:
     raise ValueError(f"--exit_fractions must be numbers; got {','.join(_FRACTIONS.value)}."
                      ) from None
-  options = parse_options(_OPTIONS.value)
+  options = train_runner.parse_options(_OPTIONS.value)
   if _DATASET.value:
     dataset = data.spec(_DATASET.value)
     options = {"input_shape": dataset.image_shape, "num_classes": dataset.num_classes,

@@ -16,13 +16,13 @@ if __name__ == "__main__":  # Before JAX loads: restart with tcmalloc (experimen
   preload.reexec_with_tcmalloc()
 
 import json
+from collections.abc import Callable
 
 import jax
-import ml_collections
-import numpy as np
 from absl import app, flags
 
-from bnet_jax import nets, runtime, timing, train
+from bnet_jax import nets, runtime, timing
+from experiments import train_runner
 
 _MODEL = flags.DEFINE_string("model", "b_lenet", "Registered network name.")
 _BATCH = flags.DEFINE_integer("batch_size", 512, "Training batch size.")
@@ -46,27 +46,10 @@ def variant_options(variant: str) -> dict[str, str]:
   return options
 
 
-def _make_runner(model: str, variant: str, batch_size: int):
+def _make_runner(model: str, variant: str, batch_size: int) -> Callable[[], None]:
   net = nets.get(model, **variant_options(variant))
-  phase = train.Phase("joint", net, (1.0,) * net.num_exits, 0, 1)
-  config = ml_collections.ConfigDict(dict(optimizer="adam", learning_rate=1e-3, beta1=0.9,
-                                          beta2=0.999, momentum=0.9, weight_decay=0.0,
-                                          lr_schedule="constant"))
-  tx = train.make_optimizer(config, 1)
-  variables = nets.init(net, jax.random.key(0))
-  state = [train.initial_state(phase, tx, variables, 0)]
-  step = train.make_train_step(phase, tx)
-  rng = np.random.default_rng(0)
-  batch = {"image": rng.random((batch_size, *net.input_shape), np.float32),
-           "label": rng.integers(0, net.num_classes, batch_size).astype(np.int32)}
-  key = jax.random.key(0)
-
-  def run() -> None:
-    for _ in range(_STEPS.value):
-      state[0], metrics = step(state[0], batch, key)
-    jax.block_until_ready(metrics)
-
-  return run
+  return train_runner.joint_step_runner(net, train_runner.random_batch(net, batch_size),
+                                        _STEPS.value)
 
 
 def main(argv: list[str]) -> None:
