@@ -123,14 +123,22 @@ def test_workdir_options_with_old_names_resolve():
 @pytest.mark.parametrize("old", OLD_NAMES)
 def test_every_old_name_builds_its_canonical_network(old):
   """Old names in every B-LeNet convolution (all pooled) build the network of their new
-  names (what each new name computes: test_every_choice_computes_what_xla_convolutions_compute
-  and tests/test_layers.py)."""
+  names, which computes XLA's values and gradients (jitted: eager took minutes)."""
   new = OLD_NAMES[old]
   grad = new.get("kernel_grad", "autodiff")
   net = nets.get("b_lenet", conv1_impl=old, conv_impl=old, exit_conv_impl=old)
   assert net == nets.get("b_lenet", conv1_impl=new["impl"], conv_impl=new["impl"],
                          exit_conv_impl=new["impl"], conv1_kernel_grad=grad,
                          conv_kernel_grad=grad, exit_conv_kernel_grad=grad)
+  xla = nets.get("b_lenet", conv1_impl="xla", conv_impl="xla")
+  variables = nets.init(xla, jax.random.key(0))
+  x = jax.random.uniform(jax.random.key(1), (3, 28, 28, 1))
+  loss = lambda net: lambda p: jnp.sum(nets.forward(net, {"params": p}, x)[0].logits ** 2)
+  logits = lambda net: jax.jit(lambda v: nets.forward(net, v, x)[0].logits)(variables)
+  np.testing.assert_allclose(logits(net), logits(xla), rtol=2e-5, atol=2e-5)
+  got, want = (jax.jit(jax.grad(loss(n)))(variables["params"]) for n in (net, xla))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))))
 
 
 def _choices():
