@@ -161,6 +161,30 @@ def test_trunk_heads_leave_the_main_network_unchanged():
     assert trunk_heads.main_network().stages == nets.get(name, **options).main_network().stages
 
 
+def test_strided_conv_implementations_give_the_same_network():
+  """B-ResNet's stride-2 convs (trunk and trunk heads) by space-to-depth: same parameters,
+  logits and gradients as with XLA's strided convolution; sides 26 (even) and 13 (odd)."""
+  nets_by_impl = {impl: nets.get("b_resnet", depth=8, exit_heads="trunk",
+                                 input_shape=(28, 28, 1), conv_impl="xla",
+                                 strided_conv_impl=impl)
+                  for impl in ("xla", "space_to_depth")}
+  variables = nets.init(nets_by_impl["xla"], jax.random.key(0))
+  x = np.random.default_rng(0).standard_normal((4, 28, 28, 1)).astype(np.float32)
+
+  def loss_and_grads(net):
+    def loss(params):
+      out, _ = nets.forward(net, {**variables, "params": params}, x, train=True)
+      return jnp.sum(out.logits ** 2)
+    return jax.jit(jax.value_and_grad(loss))(variables["params"])
+
+  (want, want_grads), (got, got_grads) = map(loss_and_grads, nets_by_impl.values())
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # Biases before a BatchNorm have zero gradients up to rounding: compare on the whole scale.
+  scale = max(float(np.abs(w).max()) for w in jax.tree.leaves(want_grads))
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * scale),
+               got_grads, want_grads)
+
+
 @pytest.mark.parametrize("name,options,match", [
     ("b_resnet", {"depth": 8, "input_shape": (22, 28, 1)}, "at least 23x23 .*got 22x28"),
     ("resnet", {"depth": 8, "input_shape": (28, 22, 3)}, "at least 23x23"),
@@ -350,14 +374,22 @@ def test_check_images_rejects_bad_input(shape, match):
 @pytest.mark.parametrize("module,variants", [
     (alexnet_cifar10, ("paper", "modern", "smoke")),
     (resnet110_cifar10, ("paper", "modern", "smoke")),
-    (alexnet_fashion_mnist, ("tuned", "smoke")), (resnet_fashion_mnist, ("tuned", "smoke"))])
+    (alexnet_fashion_mnist, ("tuned", "smoke")),
+    (resnet_fashion_mnist, ("tuned", "plain", "heads", "smoke"))])
 def test_configs_build_their_networks(module, variants):
   assert tuple(module.VARIANTS) == variants
   for variant in variants:
     c = module.get_config(variant)
+    if variant == "heads":
+      c.init_from = "W"  # The plain network's workdir, given on the command line.
     net = checkpoint.network(c)  # Sized for the config's dataset.
-    assert len(c.loss_weights) == net.num_exits == 3
+    assert len(c.loss_weights) == net.num_exits == (1 if variant == "plain" else 3)
     train.validate_config(c, net)
+  if "plain" in variants:  # `heads` puts its exits on `plain`'s parameters, all of them.
+    shapes = lambda net: jax.tree.map(jnp.shape, jax.eval_shape(
+        lambda: nets.init(net, jax.random.key(0))))
+    plain = checkpoint.network(module.get_config("plain"))
+    assert shapes(plain) == shapes(checkpoint.network(module.get_config("heads")).main_network())
   with pytest.raises(ValueError, match="Unknown variant"):
     module.get_config("bogus")
 

@@ -72,3 +72,15 @@ def test_trunk_heads_cost_at_most_a_quarter_of_the_main_path(name, options):
   main = cost.main_path_flops(net, variables)
   heads = cost.head_flops(net, variables)
   assert all(0 < h <= main / 4 for h in heads[:-1]), (heads, main)
+
+
+def test_strided_convolutions_are_counted_as_xlas():
+  """Space-to-depth strided convs compute zero taps too; the count is the network's own."""
+  options = dict(depth=8, input_shape=(28, 28, 1), exit_heads="trunk", conv_impl="xla")
+  net = nets.get("b_resnet", **options)
+  s2d = nets.get("b_resnet", **options, strided_conv_impl="space_to_depth")
+  variables = random_variables(net, 0)
+  x = jax.numpy.zeros((1, *net.input_shape))
+  as_run = cost.compiled_flops(lambda v, x: nets.main_logits(s2d, v, x), variables, x)
+  assert as_run > 1.05 * cost.main_path_flops(net, variables)
+  assert cost.main_path_flops(s2d, variables) == cost.main_path_flops(net, variables)

@@ -44,6 +44,8 @@ def test_every_implementation_is_described():
     assert isinstance(impl, layers.ConvImpl) and callable(impl.forward), name
     assert impl.description and "\n" not in impl.description, name
   assert POOL_ONLY and all(layers.CONV_IMPLS[n].fuses_pool for n in POOL_ONLY)
+  for name, description in layers.STRIDED_CONV_IMPLS.items():
+    assert description and "\n" not in description, name
 
 
 @pytest.mark.parametrize("impl,kernel_grad", UNPOOLED, ids="/".join)
@@ -94,6 +96,55 @@ def test_pooled_conv_matches_conv_then_numpy_pool(conv_case, impl, pool):
 def test_impossible_implementations_are_refused(options, match):
   with pytest.raises(ValueError, match=match):
     layers.Conv(4, 3, **options).init(jax.random.key(0), jnp.ones((1, 6, 6, 1)))
+
+
+# (size_h, size_w, C_in, C_out, kernel, stride, padding): ResNet's stride-2 3x3 convs
+# (even and odd sides), an unpadded one, a kernel that the stride divides (cropping the
+# far edge), and stride 3.
+STRIDED_CASES = [(10, 10, 4, 8, 3, 2, 1), (7, 7, 8, 16, 3, 2, 1), (7, 9, 3, 5, 3, 2, 0),
+                 (9, 8, 2, 3, 2, 2, 0), (11, 11, 2, 4, 5, 3, 2)]
+
+
+@pytest.mark.parametrize("case", STRIDED_CASES, ids=str)
+def test_strided_conv_implementations_match_lax(case):
+  h, w, cin, cout, k, stride, pad = case
+  rng = np.random.default_rng(0)
+  kernel, bias, x = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                     for s in ((k, k, cin, cout), (cout,), (2, h, w, cin)))
+  variables = {"params": {"kernel": kernel, "bias": bias}}
+  want = lax.conv_general_dilated(x, kernel, (stride, stride), [(pad, pad)] * 2,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+  g = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+  grads = lambda m: jax.jit(jax.grad(lambda v, x: jnp.sum(m.apply(v, x) * g), (0, 1)))(
+      variables, x)
+  want_grads = grads(layers.StridedConv(cout, k, padding=pad, stride=stride, impl="xla"))
+  for impl in layers.STRIDED_CONV_IMPLS:
+    for kernel_grad in ("autodiff", "dot") if impl == "space_to_depth" else ("autodiff",):
+      conv = layers.StridedConv(cout, k, padding=pad, stride=stride, impl=impl,
+                                  kernel_grad=kernel_grad)
+      np.testing.assert_allclose(jax.jit(conv.apply)(variables, x), want, atol=1e-5, rtol=1e-5)
+      for got, ref in zip(jax.tree.leaves(grads(conv)), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(got, ref, atol=1e-4 * float(jnp.max(jnp.abs(ref))),
+                                   rtol=1e-4)
+
+
+def test_strided_conv_has_flax_convs_parameters():
+  """A checkpoint of `nn.Conv` runs in `StridedConv` (and back): same names, shapes, init."""
+  x = jnp.ones((1, 8, 8, 3))
+  theirs = nn.Conv(6, (3, 3), strides=2, padding=1).init(jax.random.key(0), x)
+  ours = layers.StridedConv(6, 3, padding=1, impl="space_to_depth").init(jax.random.key(0), x)
+  jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"impl": "xla", "kernel_grad": "dot"}, r"takes a kernel_grad of \('autodiff',\)"),
+    ({"impl": "space_to_depth", "kernel_grad": "fft"}, "takes a kernel_grad of"),
+    ({"impl": "shifted_sum"}, "Unknown strided conv impl 'shifted_sum'"),
+])
+def test_impossible_strided_implementations_are_refused(options, match):
+  with pytest.raises(ValueError, match=match):
+    layers.StridedConv(4, 3, padding=1, **options).init(jax.random.key(0),
+                                                        jnp.ones((1, 6, 6, 1)))
 
 
 def _reduce_window_pool(x: jax.Array, window: int) -> jax.Array:

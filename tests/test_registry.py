@@ -47,11 +47,13 @@ def test_training_choices_per_platform():
   assert nets.resolve_options("b_lenet", auto, platform_name="cpu") == CPU_TRAIN
   for accelerator in ("gpu", "tpu"):
     assert nets.resolve_options("b_lenet", auto, platform_name=accelerator) == XLA
+  strided = {"strided_conv_impl": "xla", "strided_conv_kernel_grad": "autodiff"}
   for name in ("b_alexnet", "b_resnet", "resnet", "alexnet"):
     for platform in PLATFORMS:
       assert nets.resolve_options(name, {"conv_impl": "auto", "depth": 8},
                                   platform_name=platform) == {
-          "conv_impl": "xla", "conv_kernel_grad": "autodiff", "depth": 8}
+          "conv_impl": "xla", "conv_kernel_grad": "autodiff", "depth": 8,
+          **(strided if "resnet" in name else {})}
 
 
 def test_inference_choices_per_platform_and_batch():
@@ -64,7 +66,8 @@ def test_inference_choices_per_platform_and_batch():
     for b in TIERS:
       assert nets.inference_options("b_lenet", b, accelerator) == XLA
       assert nets.inference_options("b_resnet", b, accelerator) == {
-          "conv_impl": "xla", "conv_kernel_grad": "autodiff"}
+          "conv_impl": "xla", "conv_kernel_grad": "autodiff", "strided_conv_impl": "xla",
+          "strided_conv_kernel_grad": "autodiff"}
 
 
 def test_explicit_choices_are_kept_and_absent_ones_filled():
@@ -116,7 +119,8 @@ def test_workdir_options_with_old_names_resolve():
       "conv_kernel_grad": "dot"}
   assert nets.resolve_options("b_resnet", {"depth": 8, "conv_impl": "xla_pad8"},
                               platform_name="gpu") == {
-      "depth": 8, "conv_impl": "xla_channels_pad8", "conv_kernel_grad": "autodiff"}
+      "depth": 8, "conv_impl": "xla_channels_pad8", "conv_kernel_grad": "autodiff",
+      "strided_conv_impl": "xla", "strided_conv_kernel_grad": "autodiff"}
   assert nets.get("b_lenet", **old_train) == nets.get("b_lenet", **CPU_TRAIN)
 
 

@@ -81,12 +81,18 @@ class Network:
 
     Implementations share parameters (see `layers.Conv`), so the result runs the
     same variables. Stage modules name their implementation fields ``conv_impl``
-    and ``conv_kernel_grad`` (set to `kernel_grad`).
+    and ``conv_kernel_grad`` (set to `kernel_grad`); strided convolutions, where a
+    module has them (``strided_conv_impl``), become XLA's own.
     """
     def swap(module: nn.Module | None) -> nn.Module | None:
-      if module is None or not hasattr(module, "conv_impl"):
+      if module is None:
         return module
-      return module.clone(conv_impl=impl, conv_kernel_grad=kernel_grad)
+      fields = {}
+      if hasattr(module, "conv_impl"):
+        fields.update(conv_impl=impl, conv_kernel_grad=kernel_grad)
+      if hasattr(module, "strided_conv_impl"):
+        fields.update(strided_conv_impl="xla", strided_conv_kernel_grad="autodiff")
+      return module.clone(**fields) if fields else module
     return dataclasses.replace(self, stages=tuple(
         Stage(swap(s.trunk), swap(s.head)) for s in self.stages))
 

@@ -5,7 +5,8 @@ implementation, so a checkpoint trained with one runs with another. Its
 implementations are the records of `CONV_IMPLS` (the function, whether it fuses the
 max pool that follows, what it is and why it exists); how the kernel gradient is
 computed is a separate choice, `KERNEL_GRADS`, that applies to every implementation
-that does not fuse the pool.
+that does not fuse the pool. `StridedConv` is the strided convolution, with its own
+implementations (`STRIDED_CONV_IMPLS`).
 """
 
 import dataclasses
@@ -218,6 +219,32 @@ def _with_dot_kernel_grad(conv: Callable) -> Callable:
   return wrapped
 
 
+def _space_to_depth(x: jax.Array, kernel: jax.Array, pad: int, stride: int
+                    ) -> tuple[jax.Array, jax.Array]:
+  """A stride-s convolution's operands for the same convolution at stride 1, no padding.
+
+  The padded input's s x s blocks become channels and the kernel, zero-padded to
+  s * ceil(k / s) taps a side, is regrouped alike: (B, H, W, C_in) and (k, k, C_in,
+  C_out) -> (B, Ho + k' - 1, Wo + k' - 1, s*s*C_in) and (k', k', s*s*C_in, C_out),
+  k' = ceil(k / s), Ho = (H + 2 pad - k) // s + 1. Block channel (p*s + q)*C_in + c
+  holds channel c at offset (p, q) in its block; tap (i, j) of the original kernel is
+  tap (i // s, j // s) at that channel's (i % s, j % s).
+  """
+  k, _, cin, cout = kernel.shape
+  b, h, w, _ = x.shape
+  kb = -(-k // stride)
+  ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+  hs, ws = ho + kb - 1, wo + kb - 1
+  # Negative high padding crops rows no output reads.
+  x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pad, stride * hs - h - pad, 0),
+                                          (pad, stride * ws - w - pad, 0), (0, 0, 0)))
+  x = x.reshape(b, hs, stride, ws, stride, cin).transpose(0, 1, 3, 2, 4, 5)
+  kernel = jnp.pad(kernel, ((0, stride * kb - k), (0, stride * kb - k), (0, 0), (0, 0)))
+  kernel = kernel.reshape(kb, stride, kb, stride, cin, cout).transpose(0, 2, 1, 3, 4, 5)
+  return (x.reshape(b, hs, ws, stride * stride * cin),
+          kernel.reshape(kb, kb, stride * stride * cin, cout))
+
+
 @dataclasses.dataclass(frozen=True)
 class ConvImpl:
   """One way to compute `Conv`: its function, how it meets the pool, what it is for.
@@ -292,7 +319,26 @@ def _unpooled(impl: str, kernel_grad: str) -> Callable[[jax.Array, jax.Array, in
   return _with_dot_kernel_grad(forward) if kernel_grad == "dot" else forward
 
 
-class Conv(nn.Module):
+class _SquareConv(nn.Module):
+  """What `Conv` and `StridedConv` share: `nn.Conv`'s parameters (HWIO `kernel`, `bias`)."""
+  features: int
+  kernel_size: int
+  padding: int = 0
+  impl: str = "xla"
+  kernel_grad: str = "autodiff"
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  param_dtype: jnp.dtype = jnp.float32
+  dtype: jnp.dtype = jnp.float32
+
+  def _cast_with_parameters(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x (B, H, W, C_in), the (k, k, C_in, features) kernel and the bias, cast to `dtype`."""
+    k, cin = self.kernel_size, x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (k, k, cin, self.features), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    return tuple(a.astype(self.dtype) for a in (x, kernel, bias))
+
+
+class Conv(_SquareConv):
   """Stride-1 square convolution with symmetric zero padding, optionally max-pooled.
 
   Attributes:
@@ -309,15 +355,7 @@ class Conv(nn.Module):
     dtype: computation dtype: input, kernel and bias are cast to it, as in Flax's
       own layers (bfloat16 on TPU); the parameters stay `param_dtype`.
   """
-  features: int
-  kernel_size: int
-  padding: int = 0
-  impl: str = "xla"
-  kernel_grad: str = "autodiff"
-  kernel_init: Callable = nn.initializers.lecun_normal()
-  param_dtype: jnp.dtype = jnp.float32
   pool: int = 1
-  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -333,14 +371,57 @@ class Conv(nn.Module):
     if impl.fuses_pool and self.kernel_grad != "autodiff":
       raise ValueError(f"Conv impl {self.impl!r} fuses the pool: its kernel gradient can "
                        f"only be 'autodiff', not {self.kernel_grad!r}.")
-    k, cin = self.kernel_size, x.shape[-1]
-    kernel = self.param("kernel", self.kernel_init, (k, k, cin, self.features), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
-    x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+    x, kernel, bias = self._cast_with_parameters(x)
     if impl.fuses_pool:
       return impl.forward(x, kernel, self.padding, self.pool) + bias
     y = _unpooled(self.impl, self.kernel_grad)(x, kernel, self.padding) + bias
     return max_pool_ceil(y, self.pool) if self.pool > 1 else y
+
+
+# Implementations of `StridedConv`.
+STRIDED_CONV_IMPLS: dict[str, str] = {
+    "xla": "XLA's strided convolution: the reference, and the choice on GPU and TPU.",
+    "space_to_depth": "The input's stride x stride blocks moved onto channels, then XLA's "
+                      "stride-1 convolution: XLA:CPU emits the strided one's gradients as "
+                      "slow loop nests.",
+}
+
+
+class StridedConv(_SquareConv):
+  """Square convolution with a stride and symmetric zero padding; `nn.Conv`'s parameters.
+
+  Attributes:
+    features: output channels.
+    kernel_size: side of the square kernel.
+    stride: step of the window in both directions.
+    padding: zeros added on every side.
+    impl: a `STRIDED_CONV_IMPLS` name.
+    kernel_grad: a `KERNEL_GRADS` name; "dot" only with "space_to_depth" (for its
+      stride-1 convolution).
+    kernel_init: initialiser of the (k, k, C_in, C_out) kernel.
+    param_dtype: dtype of the kernel and bias.
+    dtype: computation dtype (input, kernel and bias are cast to it).
+  """
+  stride: int = 2
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """(B, H, W, C_in) -> (B, Ho, Wo, features), Ho = (H + 2p - k) // stride + 1."""
+    if self.impl not in STRIDED_CONV_IMPLS:
+      raise ValueError(f"Unknown strided conv impl {self.impl!r}; expected one of "
+                       f"{tuple(STRIDED_CONV_IMPLS)}.")
+    grads = tuple(KERNEL_GRADS) if self.impl == "space_to_depth" else ("autodiff",)
+    if self.kernel_grad not in grads:
+      raise ValueError(f"Strided conv impl {self.impl!r} takes a kernel_grad of {grads}; got "
+                       f"{self.kernel_grad!r}.")
+    x, kernel, bias = self._cast_with_parameters(x)
+    if self.impl == "xla":
+      y = lax.conv_general_dilated(x, kernel, (self.stride,) * 2, [(self.padding,) * 2] * 2,
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    else:
+      y = _unpooled("xla", self.kernel_grad)(*_space_to_depth(x, kernel, self.padding,
+                                                               self.stride), 0)
+    return y + bias
 
 
 def _pool_windows(x: jax.Array, window: int) -> jax.Array:

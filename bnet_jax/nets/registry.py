@@ -24,15 +24,16 @@ _REGISTRY: dict[str, Callable[..., Network]] = {
 AUTO = "auto"
 
 # The layer-implementation options of each network that "auto" (or absence) chooses;
-# configs give "auto". Each "<conv>_impl" (a `layers.CONV_IMPLS` name) is chosen with
-# its "<conv>_kernel_grad" (a `layers.KERNEL_GRADS` name, `_kernel_grad_field`).
+# configs give "auto". Each "<conv>_impl" (a `layers.CONV_IMPLS` name; for
+# "strided_conv_impl" a `layers.STRIDED_CONV_IMPLS` one) is chosen with its
+# "<conv>_kernel_grad" (a `layers.KERNEL_GRADS` name, `_kernel_grad_field`).
 _IMPL_FIELDS: dict[str, tuple[str, ...]] = {
     "b_lenet": ("conv1_impl", "conv_impl"),
     "lenet": ("conv1_impl", "conv_impl"),
     "b_alexnet": ("conv_impl",),
     "alexnet": ("conv_impl",),
-    "b_resnet": ("conv_impl",),
-    "resnet": ("conv_impl",),
+    "b_resnet": ("conv_impl", "strided_conv_impl"),
+    "resnet": ("conv_impl", "strided_conv_impl"),
 }
 # Implementation options that "auto" leaves alone: unless given, they follow another
 # (exit 1's convolution follows conv_impl and conv_kernel_grad).

@@ -68,14 +68,16 @@ def _batch_norm(train: bool, name: str, dtype: Any) -> nn.BatchNorm:
 
 
 def _conv3x3(features: int, stride: int, name: str, module: nn.Module) -> nn.Module:
-  """A 3x3 pad-1 He-normal conv: `module`'s implementation if stride 1, else Flax's."""
+  """A 3x3 pad-1 He-normal conv with `module`'s implementation for its stride."""
   dtype = module.dtype
   if stride == 1:
     return layers.Conv(features, 3, padding=1, impl=module.conv_impl,
                        kernel_grad=module.conv_kernel_grad, kernel_init=_he_normal, dtype=dtype,
                        name=name)
-  return nn.Conv(features, (3, 3), strides=stride, padding=1, kernel_init=_he_normal,
-                 dtype=dtype, name=name)
+  return layers.StridedConv(features, 3, padding=1, stride=stride,
+                            impl=module.strided_conv_impl,
+                            kernel_grad=module.strided_conv_kernel_grad,
+                            kernel_init=_he_normal, dtype=dtype, name=name)
 
 
 def _flatten(x: jax.Array) -> jax.Array:
@@ -88,6 +90,8 @@ class ResBlock(nn.Module):
   stride: int = 1
   conv_impl: str = "xla"
   conv_kernel_grad: str = "autodiff"
+  strided_conv_impl: str = "xla"
+  strided_conv_kernel_grad: str = "autodiff"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -113,6 +117,9 @@ class Trunk(nn.Module):
       (B, (H - 5)(W - 5)64), e.g. 8x8 -> 576.
     conv_impl: implementation of the stride-1 convolutions (`layers.CONV_IMPLS`).
     conv_kernel_grad: how their kernel gradients are computed (`layers.KERNEL_GRADS`).
+    strided_conv_impl: implementation of the stride-2 convolutions
+      (`layers.STRIDED_CONV_IMPLS`).
+    strided_conv_kernel_grad: how their kernel gradients are computed.
     dtype: computation dtype.
   """
   stem: bool
@@ -120,6 +127,8 @@ class Trunk(nn.Module):
   pool: bool
   conv_impl: str = "xla"
   conv_kernel_grad: str = "autodiff"
+  strided_conv_impl: str = "xla"
+  strided_conv_kernel_grad: str = "autodiff"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -129,7 +138,8 @@ class Trunk(nn.Module):
                       kernel_init=_he_normal, dtype=self.dtype, name="stem_conv")(x)
       x = nn.relu(_batch_norm(train, "stem_bn", self.dtype)(x))
     for i, (features, stride) in enumerate(self.blocks):
-      x = ResBlock(features, stride, self.conv_impl, self.conv_kernel_grad, self.dtype,
+      x = ResBlock(features, stride, self.conv_impl, self.conv_kernel_grad,
+                   self.strided_conv_impl, self.strided_conv_kernel_grad, self.dtype,
                    name=f"block{i}")(x, train)
     if self.pool:
       # Sums of 36 activations: float32 even in a bfloat16 network.
@@ -164,15 +174,18 @@ class Exit2(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = ResBlock(16, 1, self.conv_impl, self.conv_kernel_grad, self.dtype, name="block")(x, train)
+    x = ResBlock(16, 1, self.conv_impl, self.conv_kernel_grad, dtype=self.dtype,
+                 name="block")(x, train)
     return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(_flatten(x))
 
 
 class TrunkExit(nn.Module):
   """An exit sized to the trunk, (B, H, W, C) -> (B, num_classes): conv 2C 3x3 stride 2 +
   BN + ReLU (as the trunk's next downsampling conv), global average pool, FC. Like the
-  trunk's strided convs, its conv is Flax's whatever the stride-1 implementation."""
+  trunk's strided convs, its conv follows the strided-conv implementation."""
   num_classes: int
+  strided_conv_impl: str = "xla"
+  strided_conv_kernel_grad: str = "autodiff"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -209,6 +222,7 @@ def _name(prefix: str, depth: int, placement: str, exit_heads: str = "authors") 
 
 def b_resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla",
              dtype: Any = "float32", *, conv_kernel_grad: str = "autodiff",
+             strided_conv_impl: str = "xla", strided_conv_kernel_grad: str = "autodiff",
              input_shape: tuple[int, int, int] = (32, 32, 3), num_classes: int = 10,
              exit_heads: str = "authors") -> Network:
   """B-ResNet for H x W x C images (CIFAR-10 by default).
@@ -222,6 +236,9 @@ def b_resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla",
       stay float32).
     conv_kernel_grad: how their kernel gradients are computed (a `layers.KERNEL_GRADS`
       name).
+    strided_conv_impl: implementation of the stride-2 convolutions (a
+      `layers.STRIDED_CONV_IMPLS` name).
+    strided_conv_kernel_grad: how their kernel gradients are computed.
     input_shape: (H, W, C) of one image (a list is taken too); sides of at least
       `MIN_SIDE`.
     num_classes: classes of every exit.
@@ -248,11 +265,13 @@ def b_resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla",
   stage = lambda features: tuple((features, 2 if i == 0 and features > 16 else 1)
                                  for i in range(n))
   convs = dict(conv_impl=conv_impl, conv_kernel_grad=conv_kernel_grad, dtype=jnp.dtype(dtype))
-  trunk = functools.partial(Trunk, **convs)
+  strided = dict(strided_conv_impl=strided_conv_impl,
+                 strided_conv_kernel_grad=strided_conv_kernel_grad)
+  trunk = functools.partial(Trunk, **convs, **strided)
   if exit_heads == "authors":
     heads = (Exit1(num_classes, **convs), Exit2(num_classes, **convs))
   else:
-    heads = (TrunkExit(num_classes, convs["dtype"]), TrunkExit(num_classes, convs["dtype"]))
+    heads = tuple(TrunkExit(num_classes, **strided, dtype=convs["dtype"]) for _ in range(2))
   stages = (Stage(trunk(True, stage(16)[:first], False), heads[0]),
             Stage(trunk(False, stage(16)[first:], False), heads[1]),
             Stage(trunk(False, stage(32) + stage(64), True), MainExit(num_classes, convs["dtype"])))
@@ -262,8 +281,11 @@ def b_resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla",
 
 def resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla",
            dtype: Any = "float32", *, conv_kernel_grad: str = "autodiff",
+           strided_conv_impl: str = "xla", strided_conv_kernel_grad: str = "autodiff",
            input_shape: tuple[int, int, int] = (32, 32, 3), num_classes: int = 10) -> Network:
   """ResNet: B-ResNet's trunk and main exit, parameters named as in B-ResNet."""
   return b_resnet(depth, placement, conv_impl, dtype, conv_kernel_grad=conv_kernel_grad,
+                  strided_conv_impl=strided_conv_impl,
+                  strided_conv_kernel_grad=strided_conv_kernel_grad,
                   input_shape=input_shape, num_classes=num_classes
                   ).main_network(name=_name("resnet", depth, placement))

@@ -364,7 +364,8 @@ def load_trained(workdir: str, *, step: int | None = None, mesh: Mesh | None = N
 
 def _main_network_name(net: nets.Network) -> str:
   """How messages name `net`'s plain main network: "'lenet' (b_lenet's main network)"."""
-  plain = net.name.removeprefix("b_")  # The registry's pairs: b_lenet/lenet, b_resnet8/resnet8.
+  # The registry's pairs: b_lenet/lenet, b_resnet8/resnet8, b_resnet20_trunk_heads/resnet20.
+  plain = net.name.removeprefix("b_").removesuffix("_trunk_heads")
   return f"{plain!r} ({net.name}'s main network)" if plain != net.name else (
       f"{net.name}'s main network")
 

@@ -11,6 +11,11 @@ Variants (pick one with ``--config=experiments/configs/resnet_fashion_mnist.py:V
   (`common.modern_cifar`: Nesterov SGD lr 0.1, warmup + cosine decay, batch 128,
   random crop + horizontal flip, here by 2 pixels of 28) for 14 epochs: about 45
   minutes on a 2-core CPU. Weight decay 5e-4, the usual choice for short schedules.
+- ``plain``: the plain ResNet-20 (model ``resnet``: trunk and main exit, no early
+  exits) with ``tuned``'s recipe; the network that ``heads`` adds exits to.
+- ``heads``: exits on a trained plain ResNet-20 (SDN's "IC-only" training): with
+  ``--config.init_from=W`` (a ``plain`` workdir) the trunk and main exit stay frozen
+  and the two trunk heads train alone, 4 epochs of the same recipe.
 - ``smoke``: one main and one joint epoch, for checking that everything runs.
 
 ``--config.model_options.depth=32`` (any 6n+2) trains a deeper B-ResNet with the same
@@ -20,6 +25,14 @@ Launch::
 
   python -m experiments.train --config=experiments/configs/resnet_fashion_mnist.py:tuned \\
       --workdir=workdirs/resnet_fashion_mnist_tuned
+
+Exits on a trained network::
+
+  python -m experiments.train --config=experiments/configs/resnet_fashion_mnist.py:plain \\
+      --workdir=workdirs/resnet_fashion_mnist_plain
+  python -m experiments.train --config=experiments/configs/resnet_fashion_mnist.py:heads \\
+      --config.init_from=workdirs/resnet_fashion_mnist_plain \\
+      --workdir=workdirs/resnet_fashion_mnist_heads
 """
 
 import ml_collections
@@ -33,7 +46,23 @@ def tuned(c: ml_collections.ConfigDict) -> None:
   c.joint_epochs = 14
 
 
-VARIANTS: dict[str, common.Variant] = {"tuned": tuned, "smoke": common.smoke}
+def plain(c: ml_collections.ConfigDict) -> None:
+  """`tuned`'s recipe on the plain ResNet (one exit), whose parameters B-ResNet shares."""
+  tuned(c)
+  c.model = "resnet"
+  del c.model_options.exit_heads
+  c.loss_weights = (1.0,)
+
+
+def heads(c: ml_collections.ConfigDict) -> None:
+  """The trunk heads alone on a frozen trained ResNet (``--config.init_from=W``): 4 epochs."""
+  tuned(c)
+  c.train_trunk = False
+  c.joint_epochs = 4
+
+
+VARIANTS: dict[str, common.Variant] = {"tuned": tuned, "plain": plain, "heads": heads,
+                                       "smoke": common.smoke}
 
 
 def get_config(variant: str = "tuned") -> ml_collections.ConfigDict:
