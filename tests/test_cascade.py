@@ -167,7 +167,7 @@ def test_layer_options_per_bucket_give_the_same_decisions(blenet):
   cas = cascade.Cascade(blenet.net, blenet.variables, t, bucket_net=bucket_net)
   for size in (1, 3, 100):
     assert_matches(cas.predict(blenet.x[:size]), blenet, size, t, "entropy")
-  assert {1, 4, 128} <= set(made)
+  assert {1, 3, 128} <= set(made)
 
 
 def test_bucket_net_must_be_the_same_network(blenet):
@@ -200,9 +200,16 @@ def test_segment_fns_compose_to_the_all_exits_pass(tiny):
 def test_warmup_compiles_a_bounded_set(tiny):
   cas = cascade.Cascade(tiny.net, tiny.variables, [0.0, 0.0], latency_mode="batched")
   cas.warmup([5])
-  # Bucket 8 for exit 0; exits 1 and 2 at buckets 1, 2, 4, 8; gathers 8 -> each of
+  # Bucket 6 for exit 0; exits 1 and 2 at buckets 1, 2, 3, 4, 6; gathers 6 -> each of
   # those after exit 0, and every (b_in, b_out <= b_in) pair of them after exit 1.
-  assert cas.num_compiled == cas.num_traces == 1 + (4 + 4) + (10 + 4)
+  assert cas.num_compiled == cas.num_traces == 1 + (5 + 5) + (15 + 5)
+
+
+def test_default_buckets_are_powers_of_two_and_one_and_a_half_times_them():
+  assert [cascade.default_bucket(n) for n in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12,
+                                                               12, 12, 16]
+  assert cascade.default_bucket(182) == 192 and cascade.default_bucket(1454) == 1536
+  assert cascade.default_buckets(100) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
 
 
 def test_no_recompilation_after_warmup(tiny):
