@@ -69,6 +69,10 @@ _MEASURED: dict[str, dict[str, dict]] = {
         },
     },
 }
+# ResNet's stride-2 convolutions by space-to-depth in training (their gradients are
+# XLA:CPU loop nests); inference keeps XLA's, whose forward is fast.
+_MEASURED["cpu"]["b_resnet"] = _MEASURED["cpu"]["resnet"] = {
+    "train": {"strided_conv_impl": "space_to_depth"}, "inference": ((None, {}),)}
 _MEASURED["cpu"]["lenet"] = {  # B-LeNet's choices without exit 1's.
     "train": {k: v for k, v in _MEASURED["cpu"]["b_lenet"]["train"].items()
               if not k.startswith("exit_")},
