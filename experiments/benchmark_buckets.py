@@ -1,8 +1,10 @@
 r"""The cascade's bucket grid: powers of two against the default (1.5x steps too), batched.
 
-  python -m experiments.benchmark_buckets --workdir=W [--batch_sizes=256,2048] [--repeats=5]
+  python -m experiments.benchmark_buckets --workdir=W [--criterion=entropy] \
+      [--batch_sizes=256,2048] [--repeats=5]
 
-Uses W's thresholds.json (written by `experiments.benchmark`) and the network's
+Uses the criterion's thresholds in W/thresholds.json (written by `experiments.benchmark`
+for W's newest checkpoint: `predict.saved_thresholds`) and the network's
 inference layers per bucket, as the benchmark does. At each batch size the main path,
 the cascade with power-of-two buckets and the cascade with the default buckets
 (`cascade.default_bucket`) run in rotation on the test split (the first 8,192
@@ -14,15 +16,15 @@ if __name__ == "__main__":  # Before JAX loads: restart with tcmalloc (experimen
   preload.reexec_with_tcmalloc()
 
 import functools
-import json
-import os
 
 from absl import flags, logging
 
-from bnet_jax import benchmark, cascade, checkpoint, data, nets, runtime, timing
+from bnet_jax import benchmark, cascade, checkpoint, criteria, data, nets, predict, runtime, timing
 from experiments import errors
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir benchmarked by experiments.benchmark.")
+_CRITERION = flags.DEFINE_enum("criterion", "entropy", list(criteria.CRITERIA),
+                               "Exit criterion whose saved thresholds to use.")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["256", "2048"], "Batch sizes to time (> 1).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed passes per variant.")
 flags.mark_flag_as_required("workdir")
@@ -35,21 +37,17 @@ def main(argv: list[str]) -> None:
   workdir = errors.check_workdir(_WORKDIR.value, write=False)
   batch_sizes = errors.positive_ints("batch_sizes", _BATCHES.value)
   errors.at_least("repeats", _REPEATS.value, 1)
-  path = os.path.join(workdir, "thresholds.json")
-  if not os.path.exists(path):
-    raise ValueError(f"{path} does not exist: run python -m experiments.benchmark "
-                     f"--workdir={workdir} first.")
-  with open(path) as f:
-    chosen = next(iter(json.load(f)["criteria"].values()))
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   runtime.configure()
-  config = checkpoint.read_config(workdir)
   trained = checkpoint.load_trained(workdir)
+  config = trained.config
+  thresholds = predict.saved_thresholds(workdir, _CRITERION.value, trained.net.num_exits,
+                                        int(trained.step))
   net_for = lambda b: checkpoint.network(config, **nets.inference_options(config.model, b))
   split = data.load(config.dataset, "test", config.data_dir or None, download=config.download)
   images = data.preprocess(config.dataset, split.images)[:SAMPLES]
-  print(f"{trained.net.name}, {chosen['criterion']} thresholds {chosen['thresholds']}")
+  print(f"{trained.net.name}, {_CRITERION.value} thresholds {thresholds}")
   for b in batch_sizes:
     batches = [images[i:i + b] for i in range(0, len(images), b)]
     main_path = benchmark.main_path_predictor(net_for(b), trained.variables)
@@ -57,8 +55,8 @@ def main(argv: list[str]) -> None:
     top = cascade.default_buckets(b)[-1]
     for name, buckets in (("powers of two", [1 << i for i in range(top.bit_length())]),
                           ("default", None)):
-      model = cascade.Cascade(trained.net, trained.variables, chosen["thresholds"],
-                              criterion=chosen["criterion"], buckets=buckets, bucket_net=net_for)
+      model = cascade.Cascade(trained.net, trained.variables, thresholds,
+                              criterion=_CRITERION.value, buckets=buckets, bucket_net=net_for)
       model.warmup([b])
       runners[name] = functools.partial(timing.stream, model.predict, batches)
     seconds = timing.interleaved_medians(runners, repeats=_REPEATS.value, warmup=1)

@@ -336,10 +336,9 @@ def _next_pow2(n: int) -> int:
 def default_bucket(n: int) -> int:
   """The smallest default bucket that holds n rows: a power of two or 1.5 times one.
 
-  Powers of two alone padded B-ResNet-20's stage 2 (71% of a batch continuing) to the
-  whole batch; with the 1.5x steps (1, 2, 3, 4, 6, 8, 12, ...) a bucket is never more
-  than a third padding, and the cascade ran 1.81x against 1.44x faster than its main
-  path at batch 256 (docs/performance.md).
+  With powers of two alone a bucket can be half padding (B-ResNet-20's stage 2, with 71%
+  of a batch continuing, ran on the whole batch); with the 1.5x steps (1, 2, 3, 4, 6,
+  8, 12, ...) it is at most a third (docs/performance.md has the measurements).
   """
   p = _next_pow2(n)
   return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p

@@ -1,9 +1,5 @@
 """B-LeNet on Fashion-MNIST: the MNIST configs with the dataset swapped.
 
-``:tuned`` (60 joint epochs) reached 89.62 / 90.90% test accuracy per exit here (target
-89.0%), in 33 minutes while another training run shared the 2-core CPU (the same
-epochs on MNIST take 12 minutes alone).
-
 Launch::
 
   python -m experiments.train --config=experiments/configs/lenet_fashion_mnist.py:tuned \\
