@@ -1,11 +1,11 @@
 r"""The cascade's bucket grid: powers of two against the default (1.5x steps too), batched.
 
   python -m experiments.benchmark_buckets --workdir=W [--criterion=entropy] \
-      [--batch_sizes=256,2048] [--repeats=5]
+      [--thresholds=T1,...] [--batch_sizes=256,2048] [--repeats=5]
 
-Uses the criterion's thresholds in W/thresholds.json (written by `experiments.benchmark`
-for W's newest checkpoint: `predict.saved_thresholds`) and the network's
-inference layers per bucket, as the benchmark does. At each batch size the main path,
+Uses --thresholds, else the criterion's thresholds in W/thresholds.json (written by
+`experiments.benchmark` for W's newest checkpoint: `predict.saved_thresholds`), and
+the network's inference layers per bucket, as the benchmark does. At each batch size the main path,
 the cascade with power-of-two buckets and the cascade with the default buckets
 (`cascade.default_bucket`) run in rotation on the test split (the first 8,192
 images); prints ms per sample and each one's gain over the main path.
@@ -25,6 +25,9 @@ from experiments import errors
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir benchmarked by experiments.benchmark.")
 _CRITERION = flags.DEFINE_enum("criterion", "entropy", list(criteria.CRITERIA),
                                "Exit criterion whose saved thresholds to use.")
+_THRESHOLDS = flags.DEFINE_list(
+    "thresholds", None, "One per exit but the last (default: W/thresholds.json, written by "
+    "experiments.benchmark).")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["256", "2048"], "Batch sizes to time (> 1).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed passes per variant.")
 flags.mark_flag_as_required("workdir")
@@ -37,13 +40,17 @@ def main(argv: list[str]) -> None:
   workdir = errors.check_workdir(_WORKDIR.value, write=False)
   batch_sizes = errors.positive_ints("batch_sizes", _BATCHES.value)
   errors.at_least("repeats", _REPEATS.value, 1)
+  thresholds = (None if _THRESHOLDS.value is None
+                else errors.floats("thresholds", _THRESHOLDS.value))
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   runtime.configure()
   trained = checkpoint.load_trained(workdir)
   config = trained.config
-  thresholds = predict.saved_thresholds(workdir, _CRITERION.value, trained.net.num_exits,
-                                        int(trained.step))
+  if thresholds is None:
+    thresholds = predict.saved_thresholds(workdir, _CRITERION.value, trained.net.num_exits,
+                                          int(trained.step))
+  cascade.check_thresholds(trained.net, thresholds, _CRITERION.value)
   net_for = lambda b: checkpoint.network(config, **nets.inference_options(config.model, b))
   split = data.load(config.dataset, "test", config.data_dir or None, download=config.download)
   images = data.preprocess(config.dataset, split.images)[:SAMPLES]

@@ -139,6 +139,14 @@ def positive_ints(flag: str, values: Sequence[str]) -> list[int]:
   return ints
 
 
+def floats(flag: str, values: Sequence[str]) -> list[float]:
+  """A list flag's items as floats; else a ValueError naming `flag`."""
+  try:
+    return [float(v) for v in values]
+  except ValueError:
+    raise ValueError(f"--{flag} must be numbers; got {','.join(values)}.") from None
+
+
 def at_least(flag: str, value: float, minimum: float) -> float:
   """`value` if >= `minimum`; else a ValueError naming `flag`."""
   if value < minimum:

@@ -48,21 +48,13 @@ def summary(result: dict) -> str:
                               "all exits img/s", "ratio"], [row])
 
 
-def _thresholds() -> list[float] | None:
-  if _THRESHOLDS.value is None:
-    return None
-  try:
-    return [float(v) for v in _THRESHOLDS.value]
-  except ValueError:
-    raise ValueError(f"--thresholds must be numbers; got {','.join(_THRESHOLDS.value)}.") from None
-
-
 def main(argv: list[str]) -> None:
   del argv
   errors.check_workdir(_WORKDIR.value, write=True)
   errors.at_least("batch_size", _BATCH.value, 1)
   errors.at_least("repeats", _REPEATS.value, 1)
-  thresholds = _thresholds()
+  thresholds = (None if _THRESHOLDS.value is None
+                else errors.floats("thresholds", _THRESHOLDS.value))
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   runtime.configure()

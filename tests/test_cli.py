@@ -103,6 +103,8 @@ def test_bad_inputs_are_one_line_errors_and_touch_nothing(workdir, tmp_path):
       ("prepare_data", "--dataset=mnist", f"--from_dir={missing}"): "is not a directory",
       ("prepare_data", "--dataset=cifar10", f"--from_dir={tmp_path}"): "cannot be prepared",
       ("benchmark_buckets", f"--workdir={missing}"): "does not exist",
+      ("benchmark_buckets", w, "--thresholds=low"): "--thresholds must be numbers",
+      ("benchmark_buckets", w, "--thresholds=0.1,0.2"): "needs 1 threshold(s)",
       ("benchmark_stages", "--batch_sizes=0"): "--batch_sizes takes positive integers",
       ("benchmark_stages", "--options=depth"): "--options takes KEY=VALUE",
       ("benchmark_parallel", "--repeats=0"): "--repeats must be at least 1",
