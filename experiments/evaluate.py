@@ -36,17 +36,16 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   runtime.configure()
   distributed.initialize()
-  paths = evaluate.cache_exits(_WORKDIR.value, batch_size=_BATCH.value,
-                               mesh=parallel.make_mesh(), compute_dtype=_DTYPE.value)
+  cached = evaluate.cache_exits(_WORKDIR.value, batch_size=_BATCH.value,
+                                mesh=parallel.make_mesh(), compute_dtype=_DTYPE.value)
   if jax.process_index() != 0:  # Process 0 wrote the files.
     return
-  results = {}
-  for split in paths:
-    cached = evaluate.load_exits(_WORKDIR.value, split)
-    results[split] = {"num_examples": len(cached.labels),
-                      "accuracy_per_exit": evaluate.accuracy_per_exit(cached.logits, cached.labels)}
+  results = {split: {"num_examples": len(c.labels),
+                     "accuracy_per_exit": evaluate.accuracy_per_exit(c.logits, c.labels)}
+             for split, c in cached.items()}
   print(tables.accuracy_table(results))
-  print(f"wrote {', '.join(paths.values())}")
+  print(f"wrote {', '.join(evaluate.exits_path(_WORKDIR.value, s) for s in cached)}"
+        f" (checkpoint step {next(iter(cached.values())).step})")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ import time
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
-from bnet_jax import checkpoint, data, train
-from helpers import REPO, run, small_config, snapshot
+from bnet_jax import benchmark, checkpoint, data, evaluate, train
+from helpers import MOCK_EXAMPLES, REPO, run, small_config, snapshot
 from experiments.configs import common
 
 
@@ -194,6 +195,39 @@ def test_corrupt_newest_checkpoint_falls_back_and_is_kept(workdir, capsys):
   kept = truncated.replace(os.sep + "8" + os.sep, os.sep + "corrupt-8" + os.sep)
   assert os.path.getsize(kept) == 1000
   assert checkpoint.load_trained(str(workdir)).step == 8  # The new, intact step 8.
+
+
+def test_derived_files_follow_the_checkpoint_that_reads_back(workdir, capsys, caplog):
+  """With the newest checkpoint unreadable, exit caches and benchmark describe the older
+  one whose weights are used."""
+  w = str(workdir)
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    assert {c.step for c in evaluate.cache_exits(w).values()} == {8}
+    _truncate_largest(workdir / "checkpoints" / "8")
+    with pytest.raises(evaluate.StaleExitsError,
+                       match="is from step 8 but the checkpoint in use is step 4: rerun"):
+      evaluate.load_exits(w, "test", step=4)
+    results = benchmark.run(w, [16], ("entropy",), repeats=1, max_samples=16)
+  assert results["step"] == results["rows"][0]["step"] == 4
+  assert evaluate.load_exits(w, "test", step=4).step == 4  # Rebuilt by the benchmark.
+  assert "rebuilding the exit cache (exits_validation.npz is from step 8 but the checkpoint " \
+         "in use is step 4)" in capsys.readouterr().out
+  warnings = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
+  assert warnings and all(m.startswith(f"Checkpoint 8 in {w} is unreadable (") for m in warnings)
+  assert not any("TensorStore" in m for m in warnings)
+
+
+def test_a_failed_restore_prints_one_line_and_no_traceback(workdir):
+  """Orbax's reads still in flight when a restore fails report late (asyncio's "never
+  retrieved", "Event loop is closed"); only the warning line remains."""
+  _truncate_largest(workdir / "checkpoints" / "8")
+  code = ("import gc, time; from bnet_jax import checkpoint; "
+          f"print(checkpoint.load_trained({str(workdir)!r}).step); time.sleep(1); gc.collect()")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+  assert proc.returncode == 0 and proc.stdout.split() == ["4"], proc.stderr[-3000:]
+  lines = [line for line in proc.stderr.splitlines() if "Variant folder" not in line]
+  assert len(lines) == 1 and "Checkpoint 8 in" in lines[0] and "is unreadable" in lines[0], lines
 
 
 def test_resume_starts_at_the_checkpoint_with_its_optimizer_state(tmp_path, monkeypatch, capsys):

@@ -107,7 +107,7 @@ def run(workdir: str, batch_sizes: Sequence[int],
 
   def net_for(batch: int) -> nets.Network:
     return checkpoint.network(config, dtype, **options_for(batch))
-  val, test = _cached_exits(workdir, dtype)
+  val, test = _cached_exits(workdir, dtype, step)
   split = data.load(config.dataset, "test", config.data_dir or None, download=config.download)
   images = data.preprocess(config.dataset, split.images)
   labels = split.labels
@@ -190,17 +190,23 @@ def run(workdir: str, batch_sizes: Sequence[int],
   return results
 
 
-def _cached_exits(workdir: str, dtype: str) -> tuple[evaluate.CachedExits, evaluate.CachedExits]:
-  """The validation and test exit caches of the newest checkpoint in `dtype`, remade
-  (with one printed line saying why) when missing or from another step or dtype."""
+def _cached_exits(workdir: str, dtype: str, step: int
+                  ) -> tuple[evaluate.CachedExits, evaluate.CachedExits]:
+  """The validation and test exit caches of checkpoint `step` in `dtype`, remade (with
+  one printed line saying why) when missing or from another step or dtype."""
+  splits = ("validation", "test")
   try:
-    return tuple(evaluate.load_exits(workdir, s, dtype) for s in ("validation", "test"))
+    return tuple(evaluate.load_exits(workdir, s, dtype, step) for s in splits)
   except (FileNotFoundError, evaluate.StaleExitsError) as e:
     reason = getattr(e, "reason", "an exit cache is missing")
     print(f"rebuilding the exit cache ({reason}): python -m experiments.evaluate "
           f"--workdir={workdir} --compute_dtype={dtype}", flush=True)
-  evaluate.cache_exits(workdir, compute_dtype=dtype)
-  return tuple(evaluate.load_exits(workdir, s, dtype) for s in ("validation", "test"))
+  cached = evaluate.cache_exits(workdir, splits, compute_dtype=dtype)
+  if any(c.step != step for c in cached.values()):  # A checkpoint changed meanwhile.
+    raise evaluate.StaleExitsError(
+        f"the newest readable checkpoint of {workdir} changed while benchmarking",
+        "rerun the benchmark")
+  return cached["validation"], cached["test"]
 
 
 def _same_provenance(path: str, provenance: dict) -> dict:
@@ -232,7 +238,9 @@ def _predict_all(model: cascade.Cascade, images: np.ndarray, batch_size: int) ->
   return cascade.Prediction(*(np.concatenate(p) for p in zip(*parts)))
 
 
-HEADER = (f"{'device':<12} {'network':<10} {'batch':>5} {'criterion':<9} {'acc %':>6} "
+# Wide enough for names such as b_resnet110_trunk_heads.
+_NAME_WIDTH = 24
+HEADER = (f"{'device':<12} {'network':<{_NAME_WIDTH}} {'batch':>5} {'criterion':<9} {'acc %':>6} "
           f"{'ms/sample':>10} {'gain':>6} {'ideal':>6}  thresholds / exit %")
 
 
@@ -240,11 +248,12 @@ def format_row(row: dict) -> str:
   """Two Table-1 lines (baseline, then BranchyNet) for one benchmark row."""
   base, br = row["baseline"], row["branchy"]
   dev = row["device"].split(":")[0]
-  main = f"{dev:<12} {'main path':<10} {row['batch_size']:>5} {'-':<9} " \
+  main = f"{dev:<12} {'main path':<{_NAME_WIDTH}} {row['batch_size']:>5} {'-':<9} " \
          f"{100 * base['accuracy']:>6.2f} {base['ms_per_sample']:>10.4f}"
   thresholds = ", ".join(f"{t:.4g}" for t in row["thresholds"])
   exits = ", ".join(f"{100 * f:.1f}" for f in row["exit_fractions"])
-  branchy = f"{dev:<12} {row['network']:<10} {row['batch_size']:>5} {row['criterion']:<9} " \
+  branchy = f"{dev:<12} {row['network']:<{_NAME_WIDTH}} {row['batch_size']:>5} " \
+            f"{row['criterion']:<9} " \
             f"{100 * br['accuracy']:>6.2f} {br['ms_per_sample']:>10.4f} " \
             f"{row['speedup']:>5.2f}x {row['ideal_speedup']:>5.2f}x  T={thresholds} / {exits}"
   modes = row.get("timing", {}).get("latency_modes_ms_per_sample")

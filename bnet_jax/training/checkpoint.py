@@ -13,8 +13,11 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import logging as std_logging
 import os
 import platform as host_platform
+import sys
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -83,10 +86,71 @@ def _first_device() -> jax.sharding.Sharding:
 
 
 def _warn_unreadable(workdir: str, step: int, error: Exception) -> str:
-  reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+  # TensorStore appends a bound method's repr after "See full TensorStore details".
+  reason = str(error).split(" See full TensorStore details")[0].splitlines()
+  reason = reason[0][:200] if reason and reason[0] else type(error).__name__
   line = f"Checkpoint {step} in {workdir} is unreadable ({reason}); skipping it."
   logging.warning("%s", line)
   return line
+
+
+class _FailedReadReports(std_logging.Filter):
+  """Drops asyncio's reports (each with a traceback) of the reads still in flight when
+  a restore from `directory` failed: the warning line has said what is wrong."""
+
+  def __init__(self, directory: str):
+    super().__init__()
+    self.directory = directory
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not ("exception was never retrieved" in message and self.directory in message)
+
+
+def _unreported_late_reads(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+  """A `sys.unraisablehook` that drops what a failed restore's remaining reads raise
+  after Orbax has given up: TensorStore's callbacks into the closed event loop ("Event
+  loop is closed") and Orbax's read coroutines that never finished."""
+
+  def hook(unraisable: Any) -> None:
+    error, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+    closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+    orbax_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+    if not (closed_loop or orbax_read):
+      previous(unraisable)
+
+  hook.bnet_jax = True
+  return hook
+
+
+def _quiet_failed_restore(workdir: str, step: int) -> None:
+  """Silences the late reports of a failed restore of `step`, for the rest of the process."""
+  directory = os.path.join(_checkpoints_dir(workdir), str(step))
+  std_logging.getLogger("asyncio").addFilter(_FailedReadReports(directory))
+  if not getattr(sys.unraisablehook, "bnet_jax", False):
+    sys.unraisablehook = _unreported_late_reads(sys.unraisablehook)
+
+
+def _first_readable(workdir: str, steps: list[int], sharding: jax.sharding.Sharding, *,
+                    with_record: bool) -> tuple[int | None, Any, dict[int, str], Exception | None]:
+  """Tries `steps` in order: (step, its state, {unreadable step: warning}, last error).
+
+  Each failure is logged as a one-line warning (`_warn_unreadable`), and the
+  tracebacks that Orbax's unfinished reads would print later are silenced; step and
+  state are None when none reads. `with_record` also reads each step's record.
+  """
+  unreadable, error = {}, None
+  with manager(workdir, create=False) as mngr:
+    for step in steps:
+      try:
+        if with_record:
+          read_record(mngr, step)
+        return step, _restore_as_saved(mngr, step, sharding), unreadable, None
+      except Exception as e:  # Orbax, TensorStore and JSON each raise their own types.
+        _quiet_failed_restore(workdir, step)
+        error = e
+        unreadable[step] = _warn_unreadable(workdir, step, e)
+  return None, None, unreadable, error
 
 
 def newest_intact(workdir: str) -> tuple[int | None, dict[int, str]]:
@@ -99,19 +163,11 @@ def newest_intact(workdir: str) -> tuple[int | None, dict[int, str]]:
   Returns:
     (step or None when no checkpoint reads, {unreadable step: the warning line}).
   """
-  steps = ocp.utils.checkpoint_steps(_checkpoints_dir(workdir))
-  unreadable = {}
+  steps = sorted(ocp.utils.checkpoint_steps(_checkpoints_dir(workdir)), reverse=True)
   if not steps:
-    return None, unreadable
-  with manager(workdir, create=False) as mngr:
-    for step in sorted(steps, reverse=True):
-      try:
-        read_record(mngr, step)
-        _restore_as_saved(mngr, step, _first_device())
-        return step, unreadable
-      except Exception as e:  # Orbax, TensorStore and JSON each raise their own types.
-        unreadable[step] = _warn_unreadable(workdir, step, e)
-  return None, unreadable
+    return None, {}
+  step, _, unreadable, _ = _first_readable(workdir, steps, _first_device(), with_record=True)
+  return step, unreadable
 
 
 def set_aside(workdir: str, step: int) -> str:
@@ -347,15 +403,9 @@ def load_trained(workdir: str, *, step: int | None = None, mesh: Mesh | None = N
     raise FileNotFoundError(_untrained(workdir))
   net = network(config, compute_dtype or trained_compute_dtype(workdir, config), **model_options)
   sharding = _first_device() if mesh is None else NamedSharding(mesh, PartitionSpec())
-  with manager(workdir, create=False) as mngr:
-    for i, step in enumerate(candidates):
-      try:
-        state = _restore_as_saved(mngr, step, sharding)
-        break
-      except Exception as e:  # Orbax and TensorStore raise their own types.
-        if i == len(candidates) - 1:
-          raise
-        _warn_unreadable(workdir, step, e)
+  step, state, _, error = _first_readable(workdir, candidates, sharding, with_record=False)
+  if state is None:
+    raise error
   abstract = jax.eval_shape(lambda: nets.init(net, jax.random.key(0)))["params"]
   if record(net.name, "", state["params"]) != record(net.name, "", abstract):
     raise CheckpointMismatchError(f"The checkpoint in {workdir} does not fit {net.name}.")

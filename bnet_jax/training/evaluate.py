@@ -151,17 +151,18 @@ def exits_path(workdir: str, split: str) -> str:
 
 def cache_exits(workdir: str, splits: Sequence[str] = ("validation", "test"),
                 batch_size: int = 1000, mesh: Mesh | None = None,
-                compute_dtype: str | None = None) -> dict[str, str]:
+                compute_dtype: str | None = None) -> dict[str, CachedExits]:
   """Runs the all-exits pass of `workdir`'s model once per split and saves it.
 
-  Writes ``workdir/exits_{split}.npz`` with ``logits`` (E, N, C) float32,
-  ``labels`` (N,) int32, ``step`` (the checkpoint used) and ``compute_dtype``
-  (the workdir's unless `compute_dtype` overrides it). Screening, selection
-  and the benchmark's accuracy figures read these instead of rerunning the network.
-  With several processes, all of them compute and process 0 writes.
+  Writes ``workdir/exits_{split}.npz`` (`exits_path`) with ``logits`` (E, N, C)
+  float32, ``labels`` (N,) int32, ``step`` (the checkpoint used: the newest that
+  reads back, `checkpoint.load_trained`) and ``compute_dtype`` (the workdir's unless
+  `compute_dtype` overrides it). Screening, selection and the benchmark's accuracy
+  figures read these instead of rerunning the network. With several processes, all
+  of them compute and process 0 writes.
 
   Returns:
-    The written paths by split.
+    What was written, by split (every process gets it).
 
   Raises:
     ValueError: `batch_size` < 1 (before anything is loaded), or a split the
@@ -173,19 +174,20 @@ def cache_exits(workdir: str, splits: Sequence[str] = ("validation", "test"),
   c = trained.config
   loaded = data.load_splits(c.dataset, c.num_validation, c.data_dir or None, download=c.download,
                             only=splits)
-  paths = {}
+  cached = {}
   for split in splits:
     if split not in loaded:
       raise ValueError(f"Split {split!r} is not available (num_validation={c.num_validation}).")
     images = data.preprocess(c.dataset, loaded[split].images)
     out = all_exits(trained.net, trained.variables, images, batch_size,
                     progress_desc=f"all exits: {split}", mesh=mesh)
-    paths[split] = exits_path(workdir, split)
+    cached[split] = CachedExits(out.logits.astype(np.float32), loaded[split].labels,
+                                int(trained.step), str(trained.net.compute_dtype))
     if jax.process_index() == 0:
-      np.savez(paths[split], logits=out.logits.astype(np.float32),
-               labels=loaded[split].labels, step=trained.step,
-               compute_dtype=str(trained.net.compute_dtype))
-  return paths
+      np.savez(exits_path(workdir, split), logits=cached[split].logits,
+               labels=cached[split].labels, step=cached[split].step,
+               compute_dtype=cached[split].compute_dtype)
+  return cached
 
 
 class StaleExitsError(ValueError):
@@ -215,34 +217,41 @@ class CachedExits(NamedTuple):
     return np.argmax(self.logits, -1) == self.labels[None]
 
 
-def load_exits(workdir: str, split: str, compute_dtype: str | None = None) -> CachedExits:
+def load_exits(workdir: str, split: str, compute_dtype: str | None = None,
+               step: int | None = None) -> CachedExits:
   """Reads what `cache_exits` wrote, refusing a cache of another checkpoint.
 
   Args:
     workdir: a trained workdir.
     split: "validation" or "test".
     compute_dtype: also require the cache to be in this dtype (None: any).
+    step: require the cache to be from this checkpoint step: the one whose weights
+      the caller uses (`checkpoint.Trained.step`). None: the newest finalized
+      checkpoint, by the directory listing (no restore). When that one does not
+      read back, the weights come from an older one, so pass `step`.
 
   Raises:
     FileNotFoundError: no cache; the message says how to make it.
-    StaleExitsError: the cache is from another step than the workdir's newest
-      checkpoint (training went on after it was made), or lacks the step (an older
-      format), or is in another compute dtype than `compute_dtype`.
+    StaleExitsError: the cache is from another step than `step` (training went on
+      after it was made), or lacks the step (an older format), or is in another
+      compute dtype than `compute_dtype`.
   """
   path = exits_path(workdir, split)
   rerun = f"rerun python -m experiments.evaluate --workdir={workdir}"
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} is missing: {rerun}")
   with np.load(path) as f:
-    step = int(f["step"]) if "step" in f else None
+    saved_step = int(f["step"]) if "step" in f else None
     dtype = str(f["compute_dtype"]) if "compute_dtype" in f else None
-    cached = CachedExits(f["logits"], f["labels"], step, dtype)
-  name, newest = os.path.basename(path), checkpoint.latest_step(workdir)
-  if step is None:
+    cached = CachedExits(f["logits"], f["labels"], saved_step, dtype)
+  name = os.path.basename(path)
+  want = step if step is not None else checkpoint.latest_step(workdir)
+  if cached.step is None:
     raise StaleExitsError(f"{name} records no checkpoint step (an older format)", rerun)
-  if newest is not None and step != newest:
-    raise StaleExitsError(f"{name} is from step {step} but the newest checkpoint is step "
-                          f"{newest}", rerun)
+  if want is not None and cached.step != want:
+    which = "the checkpoint in use" if step is not None else "the newest checkpoint"
+    raise StaleExitsError(f"{name} is from step {cached.step} but {which} is step {want}",
+                          rerun)
   if compute_dtype is not None and dtype != compute_dtype:
     raise StaleExitsError(f"{name} was computed in {dtype}, not {compute_dtype}",
                           f"{rerun} --compute_dtype={compute_dtype}")
