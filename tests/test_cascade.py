@@ -122,6 +122,21 @@ def test_auto_latency_mode_recomputes_only_a_cheap_trunk(blenet):
   assert lenet_cas.num_compiled == 2 and alex_cas.num_compiled == 1
 
 
+def test_choose_latency_mode_keeps_the_faster_and_predicts_alike(tiny):
+  cas = cascade.Cascade(tiny.net, tiny.variables, [0.3, 0.3])
+  before = [cas.predict(tiny.x[i:i + 1]) for i in range(4)]  # "auto" resolved first.
+  ms = cas.choose_latency_mode(tiny.x[:6], repeats=2)
+  assert set(ms) == {"host", "cond"} and min(ms.values()) > 0
+  assert cas.latency_mode == min(ms, key=ms.get)
+  assert cas.num_compiled == tiny.net.num_exits + 1  # Both strategies, compiled once.
+  for i, want in enumerate(before):
+    got = cas.predict(tiny.x[i:i + 1])
+    np.testing.assert_array_equal(got.exit, want.exit)
+    np.testing.assert_array_equal(got.label, want.label)
+  with pytest.raises(ValueError, match="at least one image"):
+    cas.choose_latency_mode(tiny.x[:0])
+
+
 def test_chunks_buckets_and_parameters_as_arguments(tiny):
   t = random_thresholds(tiny.all_scores("entropy"), np.random.default_rng(3))
   for options in ({"chunk_size": 16, "buckets": (4, 16)}, {"buckets": (8, 24)},

@@ -48,7 +48,9 @@ cheap (at most `HOST_MAX_RECOMPUTE_FLOPS` by XLA's count), else "cond": XLA's
 conditional costs every sample time even when the branch taken only returns, and
 so would handing the stage-1 activation on as a second output, while recomputing a
 cheap trunk costs only the few samples that go on; a costly trunk (B-AlexNet,
-B-ResNet-110) tips the balance to "cond".
+B-ResNet-110) tips the balance to "cond". How many go on decides it too, and "auto"
+cannot know that: `Cascade.choose_latency_mode` times both on given images and keeps
+the faster (the benchmark does, on the validation split).
 
 On a mesh (``mesh=``, see `parallel`) every program is compiled with shardings: each
 stage's bucket-sized batch is split over the mesh's data axis (buckets are multiples
@@ -102,7 +104,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 
-from bnet_jax import criteria, nets, parallel, runtime
+from bnet_jax import criteria, nets, parallel, runtime, timing
 from bnet_jax.criteria import Criterion
 
 LATENCY_MODES = ("auto", "host", "cond", "batched")
@@ -375,7 +377,8 @@ class Cascade:
       With explicit buckets, chunks never exceed the largest bucket.
     latency_mode: batch-1 strategy: "host", "cond", "batched" or "auto" ("host"
       for networks whose early trunk is cheap to recompute, else "cond"; resolved
-      when batch 1 is first run or warmed up).
+      when batch 1 is first run or warmed up). `choose_latency_mode` measures
+      instead, on images like the ones to serve.
     params_as_constants: compile parameters into the programs (faster dispatch; one
       cascade per set of variables) instead of passing them on every call.
     mesh: split every stage's batch over this mesh's data axis (None: one device).
@@ -512,6 +515,44 @@ class Cascade:
           for b in reach:
             self._stage_program(k, b)
           prev = reach
+
+  def choose_latency_mode(self, images: np.ndarray, *, repeats: int = 3) -> dict[str, float]:
+    """Times batch 1 as "host" and as "cond" on `images` and keeps the faster.
+
+    Which one wins depends on how many samples go on past exit 1, which "auto"
+    cannot know: "host" recomputes the early trunk for them, "cond" pays its
+    conditional on every sample. Pass images drawn like the ones to serve, not the
+    ones to report on (the benchmark uses the validation split). Both are warmed up,
+    then timed in rotation (`timing.interleaved_medians`), one image per call.
+
+    Args:
+      images: (N, H, W, C) float32 preprocessed images, N >= 1.
+      repeats: timed passes over `images` per mode.
+
+    Returns:
+      ms per sample by mode; `latency_mode` is now the faster one.
+
+    Raises:
+      ValueError: a cascade on a mesh (batch 1 runs batched there) or no images.
+    """
+    if self._mesh is not None:
+      raise ValueError("A cascade on a mesh runs batch 1 batched: no latency mode to choose.")
+    singles = [np.ascontiguousarray(images[i:i + 1], np.float32) for i in range(len(images))]
+    if not singles:
+      raise ValueError("choose_latency_mode needs at least one image.")
+    programs = {"host": tuple(self._exit_program(k) for k in range(self.net.num_exits)),
+                "cond": (self._cond_program(),)}
+
+    def run(mode: str) -> None:
+      self.latency_mode, self._one = mode, programs[mode]
+      for x in singles:
+        self.predict(x)
+
+    seconds = timing.interleaved_medians(
+        {mode: functools.partial(run, mode) for mode in programs}, repeats=repeats, warmup=1)
+    best = min(seconds, key=seconds.get)
+    self.latency_mode, self._one = best, programs[best]
+    return {mode: 1e3 * s / len(singles) for mode, s in seconds.items()}
 
   # ---- buckets and chunks -------------------------------------------------------
 

@@ -9,7 +9,9 @@ batch in, predicted labels back on the host (the cascade's heads, softmax,
 criterion, compaction and transfers included). Each repeat is a pass over the same
 test batches; baseline and cascade passes alternate, and the median pass time over
 the repeats, divided by the samples in a pass, gives ms per sample (the mean cost
-per sample, as a user processing a stream would see it).
+per sample, as a user processing a stream would see it). At batch 1 the cascade's
+strategy ("host" or "cond", `cascade.Cascade.choose_latency_mode`) is the faster on
+validation images; the other one is timed alongside on the test split.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def run(workdir: str, batch_sizes: Sequence[int],
       (`selection.choose`).
     repeats: timed passes per variant.
     max_samples: test samples per timed pass (batched).
-    batch1_samples: test samples per timed pass at batch size 1.
+    batch1_samples: test samples per timed pass at batch size 1 (and validation
+      samples per pass when choosing its strategy).
     model_options: layer implementations for inference (parameters unchanged), for
       baseline and cascade alike; None: `nets.inference_options` of the network for
       each batch size on this platform (the baseline's batch, the cascade's bucket).
@@ -111,6 +114,11 @@ def run(workdir: str, batch_sizes: Sequence[int],
   split = data.load(config.dataset, "test", config.data_dir or None, download=config.download)
   images = data.preprocess(config.dataset, split.images)
   labels = split.labels
+  val_images = None  # Loaded for batch 1 only: where its strategy is chosen.
+  if 1 in batch_sizes:
+    val_split = data.load_splits(config.dataset, config.num_validation, config.data_dir or None,
+                                 download=config.download, only=("validation",))["validation"]
+    val_images = data.preprocess(config.dataset, val_split.images[:batch1_samples])
 
   full_flops = cost.main_path_flops(net, variables)
   baselines = {b: main_path_predictor(net_for(b), variables) for b in batch_sizes}
@@ -131,6 +139,9 @@ def run(workdir: str, batch_sizes: Sequence[int],
       expected = cost.expected(fractions, seg)
       batches = _batches(images, b, batch1_samples if b == 1 else max_samples)
       model.warmup([b])
+      chosen_on = None
+      if b == 1:
+        chosen_on = model.choose_latency_mode(val_images, repeats=repeats)
       runners = {"baseline": functools.partial(timing.stream, baseline, batches),
                  "branchy": functools.partial(timing.stream, model.predict, batches)}
       if b == 1:  # The other batch-1 strategy, timed alongside (`cascade` on latency_mode).
@@ -161,6 +172,7 @@ def run(workdir: str, batch_sizes: Sequence[int],
                      "latency_modes_ms_per_sample": (
                          {model.latency_mode: 1e3 * seconds["branchy"] / n,
                           mode: 1e3 * seconds[mode] / n} if b == 1 else None),
+                     "latency_modes_validation_ms_per_sample": chosen_on,
                      "async_dispatch": bool(jax.config.values.get("jax_cpu_enable_async_dispatch", True))},
       }
       rows.append(row)
