@@ -239,7 +239,7 @@ def test_lrn_matches_chainers_formula():
   n, k, alpha, beta = 3, 2.0, 5e-5, 0.75
   want = np.empty_like(x)
   for c in range(5):  # Chainer: window c - n//2 .. c + n//2, clipped; alpha not divided by n.
-    window = x[..., max(0, c - 1):c + 2]
+    window = x[..., max(0, c - n // 2):c + n // 2 + 1]
     want[..., c] = x[..., c] / (k + alpha * np.sum(window ** 2, -1)) ** beta
   np.testing.assert_allclose(lrn.paper_lrn(x), want, rtol=1e-6)
   np.testing.assert_allclose(lrn.local_response_norm(x, 5, 1.0, 1e-4, 0.75)[..., 2],
