@@ -95,7 +95,7 @@ def main(argv: list[str]) -> None:
                          f"got {fractions}.")
   variables = nets.init(net, jax.random.key(0))
   flops = cost.segment_flops(net, variables)
-  head_flops = cost.head_flops(net, variables)
+  head_flops = cost.head_flops(net, variables, segment_costs=flops)
   main_flops = cost.main_path_flops(net, variables)
   result = {
       "network": net.name, "device": jax.devices()[0].device_kind,

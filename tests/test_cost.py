@@ -61,6 +61,7 @@ def test_heads_are_segments_less_their_trunks(blenet):
   trunk = lambda v, x: nets.apply_trunk(net.with_conv_impl("xla"), v, 0, x)[0]
   x = jax.numpy.zeros((1, *net.input_shape))
   assert heads[0] == seg[0] - cost.compiled_flops(trunk, variables, x)
+  assert cost.head_flops(net, variables, segment_costs=seg) == heads  # Counted once.
 
 
 # Fashion-MNIST's images: the authors' ResNet exit 1 alone costs more than ResNet-20's

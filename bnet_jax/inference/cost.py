@@ -46,13 +46,17 @@ def segment_flops(net: nets.Network, variables: nets.Variables,
 
 
 def head_flops(net: nets.Network, variables: nets.Variables,
-               criterion: Criterion | str = "entropy", batch_size: int = 1) -> list[float]:
+               criterion: Criterion | str = "entropy", batch_size: int = 1,
+               segment_costs: Sequence[float] | None = None) -> list[float]:
   """Per-sample FLOPs of each exit's head and score: its segment's minus its trunk's: E floats.
 
   The trunk part is the segment's trunk stages compiled alone, so a segment's FLOPs
   are its trunk's plus these; the last is the main head's share of the main path.
+  `segment_costs`: what `segment_flops` gave for the same criterion and batch size,
+  when the caller has it (each segment is compiled to count it); None: counted here.
   """
-  segment_costs = segment_flops(net, variables, criterion, batch_size)
+  if segment_costs is None:
+    segment_costs = segment_flops(net, variables, criterion, batch_size)
   net = net.with_conv_impl("xla")
   h = jnp.zeros((batch_size, *net.input_shape), jnp.float32)
   heads = []
