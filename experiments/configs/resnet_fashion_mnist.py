@@ -9,7 +9,7 @@ Variants (pick one with ``--config=experiments/configs/resnet_fashion_mnist.py:V
 
 - ``tuned`` (default): every exit trained jointly from scratch with the CIFAR recipe
   (`common.modern_cifar`: Nesterov SGD lr 0.1, warmup + cosine decay, batch 128,
-  random crop + horizontal flip, here by 2 pixels of 28) for 14 epochs: about 45
+  random crop + horizontal flip, here by 2 pixels of 28) for 14 epochs: under 45
   minutes on a 2-core CPU. Weight decay 5e-4, the usual choice for short schedules.
 - ``plain``: the plain ResNet-20 (model ``resnet``: trunk and main exit, no early
   exits) with ``tuned``'s recipe; the network that ``heads`` adds exits to.
@@ -41,7 +41,7 @@ from experiments.configs import common
 
 
 def tuned(c: ml_collections.ConfigDict) -> None:
-  """The CIFAR recipe, shortened to 14 epochs (45 CPU minutes) with 1 of warmup."""
+  """The CIFAR recipe, shortened to 14 epochs (under 45 CPU minutes) with 1 of warmup."""
   common.modern_cifar(c, learning_rate=0.1, weight_decay=5e-4, warmup_epochs=1.0)
   c.joint_epochs = 14
 
