@@ -217,6 +217,16 @@ def test_derived_files_follow_the_checkpoint_that_reads_back(workdir, capsys, ca
   assert not any("TensorStore" in m for m in warnings)
 
 
+def test_no_readable_checkpoint_is_a_one_line_error(workdir):
+  for step in (4, 8):
+    _truncate_largest(workdir / "checkpoints" / str(step))
+  with pytest.raises(checkpoint.CheckpointUnreadableError,
+                     match=r"No checkpoint of .* reads back \(step\(s\) 8, 4: see the warnings"):
+    checkpoint.load_trained(str(workdir))
+  with pytest.raises(checkpoint.CheckpointUnreadableError, match=r"step\(s\) 4:"):
+    checkpoint.load_trained(str(workdir), step=4)
+
+
 def test_a_failed_restore_prints_one_line_and_no_traceback(workdir):
   """Orbax's reads still in flight when a restore fails report late (asyncio's "never
   retrieved", "Event loop is closed"); only the warning line remains."""

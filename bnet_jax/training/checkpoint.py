@@ -40,6 +40,10 @@ class CheckpointMismatchError(ValueError):
   """The workdir holds a checkpoint of another model, dataset or shape."""
 
 
+class CheckpointUnreadableError(ValueError):
+  """No checkpoint asked for reads back (each one's reason was logged as a warning)."""
+
+
 def record(model: str, dataset: str, params: Any) -> dict:
   """The identity of a run: model, dataset and every parameter's shape."""
   shapes = {jax.tree_util.keystr(path): list(np.shape(leaf))
@@ -395,6 +399,7 @@ def load_trained(workdir: str, *, step: int | None = None, mesh: Mesh | None = N
 
   Raises:
     FileNotFoundError: no config.json or no checkpoint in `workdir`.
+    CheckpointUnreadableError: none of the checkpoints asked for reads back.
   """
   config = read_config(workdir)
   candidates = ([step] if step is not None else
@@ -403,9 +408,12 @@ def load_trained(workdir: str, *, step: int | None = None, mesh: Mesh | None = N
     raise FileNotFoundError(_untrained(workdir))
   net = network(config, compute_dtype or trained_compute_dtype(workdir, config), **model_options)
   sharding = _first_device() if mesh is None else NamedSharding(mesh, PartitionSpec())
-  step, state, _, error = _first_readable(workdir, candidates, sharding, with_record=False)
+  step, state, unreadable, _ = _first_readable(workdir, candidates, sharding, with_record=False)
   if state is None:
-    raise error
+    raise CheckpointUnreadableError(
+        f"No checkpoint of {workdir} reads back (step(s) {', '.join(map(str, unreadable))}: "
+        f"see the warnings above). Rerun python -m experiments.train on it: training sets "
+        f"unreadable checkpoints aside (checkpoints/{CORRUPT_PREFIX}<step>) and starts again.")
   abstract = jax.eval_shape(lambda: nets.init(net, jax.random.key(0)))["params"]
   if record(net.name, "", state["params"]) != record(net.name, "", abstract):
     raise CheckpointMismatchError(f"The checkpoint in {workdir} does not fit {net.name}.")
