@@ -225,6 +225,8 @@ def test_no_readable_checkpoint_is_a_one_line_error(workdir):
     checkpoint.load_trained(str(workdir))
   with pytest.raises(checkpoint.CheckpointUnreadableError, match=r"step\(s\) 4:"):
     checkpoint.load_trained(str(workdir), step=4)
+  with pytest.raises(FileNotFoundError, match="has no checkpoint of step 5; it keeps steps 8, 4"):
+    checkpoint.load_trained(str(workdir), step=5)
 
 
 def test_a_failed_restore_prints_one_line_and_no_traceback(workdir):

@@ -398,14 +398,17 @@ def load_trained(workdir: str, *, step: int | None = None, mesh: Mesh | None = N
       implementation for inference); parameters are unchanged by these.
 
   Raises:
-    FileNotFoundError: no config.json or no checkpoint in `workdir`.
+    FileNotFoundError: no config.json, no checkpoint in `workdir`, or none of `step`.
     CheckpointUnreadableError: none of the checkpoints asked for reads back.
   """
   config = read_config(workdir)
-  candidates = ([step] if step is not None else
-                sorted(ocp.utils.checkpoint_steps(_checkpoints_dir(workdir)), reverse=True))
-  if not candidates:
+  kept = sorted(ocp.utils.checkpoint_steps(_checkpoints_dir(workdir)), reverse=True)
+  if not kept:
     raise FileNotFoundError(_untrained(workdir))
+  if step is not None and step not in kept:
+    raise FileNotFoundError(f"{workdir} has no checkpoint of step {step}; it keeps steps "
+                            f"{', '.join(map(str, kept))}.")
+  candidates = [step] if step is not None else kept
   net = network(config, compute_dtype or trained_compute_dtype(workdir, config), **model_options)
   sharding = _first_device() if mesh is None else NamedSharding(mesh, PartitionSpec())
   step, state, unreadable, _ = _first_readable(workdir, candidates, sharding, with_record=False)
