@@ -55,8 +55,8 @@ def manager(workdir: str, *, max_to_keep: int = 3, create: bool = True) -> ocp.C
   """A CheckpointManager over ``workdir/checkpoints`` keeping the last `max_to_keep`."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
   handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options, item_handlers=handlers)
+  return ocp.CheckpointManager(_checkpoints_dir(workdir), options=options,
+                               item_handlers=handlers)
 
 
 def latest_step(workdir: str) -> int | None:
@@ -67,12 +67,17 @@ def latest_step(workdir: str) -> int | None:
   checkpoint directory that another has just created for a fresh run, so the two
   would build different managers and wait at different barriers.
   """
-  steps = ocp.utils.checkpoint_steps(os.path.join(os.path.abspath(workdir), "checkpoints"))
-  return max(steps) if steps else None
+  steps = _steps_newest_first(workdir)
+  return steps[0] if steps else None
 
 
 def _checkpoints_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _steps_newest_first(workdir: str) -> list[int]:
+  """The steps of `workdir`'s finalized checkpoints, newest first (directory listing)."""
+  return sorted(ocp.utils.checkpoint_steps(_checkpoints_dir(workdir)), reverse=True)
 
 
 def _restore_as_saved(mngr: ocp.CheckpointManager, step: int, sharding: jax.sharding.Sharding
@@ -100,15 +105,19 @@ def _warn_unreadable(workdir: str, step: int, error: Exception) -> str:
 
 class _FailedReadReports(std_logging.Filter):
   """Drops asyncio's reports (each with a traceback) of the reads still in flight when
-  a restore from `directory` failed: the warning line has said what is wrong."""
+  a restore from one of `directories` failed: the warning line has said what is wrong."""
 
-  def __init__(self, directory: str):
+  def __init__(self):
     super().__init__()
-    self.directory = directory
+    self.directories: set[str] = set()
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     message = record.getMessage()
-    return not ("exception was never retrieved" in message and self.directory in message)
+    return not ("exception was never retrieved" in message
+                and any(d in message for d in self.directories))
+
+
+_FAILED_READS = _FailedReadReports()
 
 
 def _unreported_late_reads(previous: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -129,32 +138,31 @@ def _unreported_late_reads(previous: Callable[[Any], None]) -> Callable[[Any], N
 
 def _quiet_failed_restore(workdir: str, step: int) -> None:
   """Silences the late reports of a failed restore of `step`, for the rest of the process."""
-  directory = os.path.join(_checkpoints_dir(workdir), str(step))
-  std_logging.getLogger("asyncio").addFilter(_FailedReadReports(directory))
+  _FAILED_READS.directories.add(os.path.join(_checkpoints_dir(workdir), str(step)))
+  std_logging.getLogger("asyncio").addFilter(_FAILED_READS)  # Added once: a no-op after.
   if not getattr(sys.unraisablehook, "bnet_jax", False):
     sys.unraisablehook = _unreported_late_reads(sys.unraisablehook)
 
 
 def _first_readable(workdir: str, steps: list[int], sharding: jax.sharding.Sharding, *,
-                    with_record: bool) -> tuple[int | None, Any, dict[int, str], Exception | None]:
-  """Tries `steps` in order: (step, its state, {unreadable step: warning}, last error).
+                    with_record: bool) -> tuple[int | None, Any, dict[int, str]]:
+  """Tries `steps` in order: (step, its state, {unreadable step: warning}).
 
   Each failure is logged as a one-line warning (`_warn_unreadable`), and the
   tracebacks that Orbax's unfinished reads would print later are silenced; step and
   state are None when none reads. `with_record` also reads each step's record.
   """
-  unreadable, error = {}, None
+  unreadable = {}
   with manager(workdir, create=False) as mngr:
     for step in steps:
       try:
         if with_record:
           read_record(mngr, step)
-        return step, _restore_as_saved(mngr, step, sharding), unreadable, None
+        return step, _restore_as_saved(mngr, step, sharding), unreadable
       except Exception as e:  # Orbax, TensorStore and JSON each raise their own types.
         _quiet_failed_restore(workdir, step)
-        error = e
         unreadable[step] = _warn_unreadable(workdir, step, e)
-  return None, None, unreadable, error
+  return None, None, unreadable
 
 
 def newest_intact(workdir: str) -> tuple[int | None, dict[int, str]]:
@@ -167,10 +175,10 @@ def newest_intact(workdir: str) -> tuple[int | None, dict[int, str]]:
   Returns:
     (step or None when no checkpoint reads, {unreadable step: the warning line}).
   """
-  steps = sorted(ocp.utils.checkpoint_steps(_checkpoints_dir(workdir)), reverse=True)
+  steps = _steps_newest_first(workdir)
   if not steps:
     return None, {}
-  step, _, unreadable, _ = _first_readable(workdir, steps, _first_device(), with_record=True)
+  step, _, unreadable = _first_readable(workdir, steps, _first_device(), with_record=True)
   return step, unreadable
 
 
@@ -402,7 +410,7 @@ def load_trained(workdir: str, *, step: int | None = None, mesh: Mesh | None = N
     CheckpointUnreadableError: none of the checkpoints asked for reads back.
   """
   config = read_config(workdir)
-  kept = sorted(ocp.utils.checkpoint_steps(_checkpoints_dir(workdir)), reverse=True)
+  kept = _steps_newest_first(workdir)
   if not kept:
     raise FileNotFoundError(_untrained(workdir))
   if step is not None and step not in kept:
@@ -411,7 +419,7 @@ def load_trained(workdir: str, *, step: int | None = None, mesh: Mesh | None = N
   candidates = [step] if step is not None else kept
   net = network(config, compute_dtype or trained_compute_dtype(workdir, config), **model_options)
   sharding = _first_device() if mesh is None else NamedSharding(mesh, PartitionSpec())
-  step, state, unreadable, _ = _first_readable(workdir, candidates, sharding, with_record=False)
+  step, state, unreadable = _first_readable(workdir, candidates, sharding, with_record=False)
   if state is None:
     raise CheckpointUnreadableError(
         f"No checkpoint of {workdir} reads back (step(s) {', '.join(map(str, unreadable))}: "
