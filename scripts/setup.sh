@@ -9,13 +9,14 @@
 #   BNET_PYTHON       the interpreter that creates it, if it does not exist [python3]
 #   BNET_CONSTRAINTS  a pip constraints file, e.g. scripts/constraints-lowest.txt [none:
 #                     pip takes what setup.cfg allows, the newest in a fresh venv]
-#   BNET_EXTRAS       bnet-jax's extras [test,prepare]; `prepare` brings TensorFlow
+#   BNET_EXTRAS       bnet-jax's extras [test,prepare,onednn]; `prepare` brings
+#                     TensorFlow, `onednn` oneDNN for faster CPU training (nets.onednn)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
 VENV="${BNET_VENV:-.venv}"
-EXTRAS="${BNET_EXTRAS:-test,prepare}"
+EXTRAS="${BNET_EXTRAS:-test,prepare,onednn}"
 CONSTRAINTS="${BNET_CONSTRAINTS:-}"
 if [ ! -x "$VENV/bin/python" ]; then
   "${BNET_PYTHON:-python3}" -m venv "$VENV"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The test suite, with all set-up, in two legs, each in its own virtualenv:
 #   lowest  the whole suite on the lowest supported versions (python3,
-#           scripts/constraints-lowest.txt, extras test,prepare), in .venv-lowest;
+#           scripts/constraints-lowest.txt, extras test,prepare,onednn), in .venv-lowest;
 #   newest  `pytest -m newest` on the newest JAX that setup.cfg admits (Python >= 3.12,
-#           unconstrained, extra test only: no TensorFlow), in .venv-newest.
+#           unconstrained, extras test,onednn: no TensorFlow), in .venv-newest.
 # Usage: bash scripts/test.sh [pytest args for the lowest leg]
 #   BNET_LEGS=lowest|newest|both (default both) picks the legs; BNET_NEWEST_LEG=0
 #   drops the newest leg where no Python >= 3.12 is installed; BNET_TEST_WORKERS
@@ -80,11 +80,11 @@ fi
 
 FAILED=()
 if [ "$LEGS" != newest ]; then
-  run_leg lowest .venv-lowest python3 "$REPO/scripts/constraints-lowest.txt" test,prepare \
+  run_leg lowest .venv-lowest python3 "$REPO/scripts/constraints-lowest.txt" test,prepare,onednn \
     "$@" || FAILED+=(lowest)
 fi
 if [ "$LEGS" != lowest ]; then
-  run_leg newest .venv-newest "$PY_NEWEST" "" test -m newest || FAILED+=(newest)
+  run_leg newest .venv-newest "$PY_NEWEST" "" test,onednn -m newest || FAILED+=(newest)
 fi
 if [ "${#FAILED[@]}" -gt 0 ]; then
   echo "== failed: ${FAILED[*]}" >&2

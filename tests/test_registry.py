@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from bnet_jax import nets
+from bnet_jax.nets import onednn
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 TIERS = (1, 2, 64, 256, 2048)
@@ -42,7 +43,8 @@ OLD_NAMES = {
 }
 
 
-def test_training_choices_per_platform():
+def test_training_choices_per_platform(monkeypatch):
+  monkeypatch.setattr(onednn, "available", lambda: False)
   auto = {"conv1_impl": "auto", "conv_impl": "auto"}
   assert nets.resolve_options("b_lenet", auto, platform_name="cpu") == CPU_TRAIN
   for accelerator in ("gpu", "tpu"):
@@ -58,6 +60,25 @@ def test_training_choices_per_platform():
                                   platform_name=platform) == want
       if "resnet" in name:  # Inference keeps XLA's strided convolution everywhere.
         assert nets.inference_options(name, 256, platform)["strided_conv_impl"] == "xla"
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_onednn_trains_the_cifar_families_on_one_cpu_device(monkeypatch, devices):
+  monkeypatch.setattr(onednn, "available", lambda: True)
+  monkeypatch.setattr(jax, "device_count", lambda: devices)
+  for name in ("b_alexnet", "alexnet", "b_resnet", "resnet"):
+    impls = {k: v for k, v in nets.resolve_options(name, {}, platform_name="cpu").items()
+             if k.endswith("_impl")}
+    if devices == 1:  # Several devices: the FFI call has no partitioning rule.
+      assert set(impls.values()) == {"onednn"}
+    else:
+      assert "onednn" not in impls.values()
+    for platform in ("gpu", "tpu"):
+      assert set(nets.resolve_options(name, {}, platform_name=platform).values()) == {
+          "xla", "autodiff"}
+    for b in TIERS:  # Inference keeps XLA's convolutions: not measured with oneDNN.
+      assert "onednn" not in nets.inference_options(name, b, "cpu").values()
+  assert "onednn" not in nets.resolve_options("b_lenet", {}, platform_name="cpu").values()
 
 
 def test_inference_choices_per_platform_and_batch():

@@ -669,11 +669,12 @@ class Cascade:
     return self._one
 
   def _recompute_flops(self) -> float:
-    """Per-sample FLOPs of the trunk before the last exit's segment (XLA's count)."""
+    """Per-sample FLOPs of the trunk before the last exit's segment (XLA's count, on its
+    own convolutions: it counts none inside a custom call such as `nets.onednn`'s)."""
     before = _stages_before(self.net, self.net.num_exits - 1)
     if not before:
       return 0.0
-    trunk = jax.jit(_trunk_fn(self.net, before))
+    trunk = jax.jit(_trunk_fn(self.net.with_conv_impl("xla"), before))
     return float(trunk.lower(self._variables, self._spec(0, 1)).cost_analysis().get("flops", 0.0))
 
   def _exit_program(self, k: int) -> Any:

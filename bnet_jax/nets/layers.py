@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from bnet_jax.nets import onednn
+
 
 def _patches(x: jax.Array, k: int, pad: int) -> list[jax.Array]:
   """Returns the k*k shifted views of `x` (B, H, W, C), each (B, Ho, Wo, C)."""
@@ -60,6 +62,11 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
   """(B, H, W, C_in) * (k, k, C_in, C_out) HWIO -> (B, Ho, Wo, C_out)."""
   return lax.conv_general_dilated(x, kernel, (1, 1), [(pad, pad)] * 2,
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _onednn_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+  """`_xla_conv` as oneDNN calls, forward and both gradients (`onednn.conv`)."""
+  return onednn.conv(x, kernel, (1, 1), ((pad, pad), (pad, pad)))
 
 
 def _channels_pad8_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
@@ -271,6 +278,10 @@ CONV_IMPLS: dict[str, ConvImpl] = {
         _xla_conv,
         "XLA's own convolution (lax.conv_general_dilated): the reference, and the choice "
         "on GPU and TPU."),
+    "onednn": ConvImpl(
+        _onednn_conv,
+        "oneDNN's convolution and gradients through XLA's FFI (float32, CPU): several "
+        "times faster than XLA:CPU's in training; built on first use (nets.onednn)."),
     "xla_channels_pad8": ConvImpl(
         _channels_pad8_conv,
         "XLA's convolution on C_in and C_out zero-padded to multiples of 8: XLA:CPU "
@@ -384,6 +395,8 @@ STRIDED_CONV_IMPLS: dict[str, str] = {
     "space_to_depth": "The input's stride x stride blocks moved onto channels, then XLA's "
                       "stride-1 convolution: XLA:CPU emits the strided one's gradients as "
                       "slow loop nests.",
+    "onednn": "oneDNN's strided convolution and gradients through XLA's FFI (float32, "
+              "CPU; nets.onednn).",
 }
 
 
@@ -418,6 +431,8 @@ class StridedConv(_SquareConv):
     if self.impl == "xla":
       y = lax.conv_general_dilated(x, kernel, (self.stride,) * 2, [(self.padding,) * 2] * 2,
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    elif self.impl == "onednn":
+      y = onednn.conv(x, kernel, (self.stride,) * 2, ((self.padding,) * 2,) * 2)
     else:
       y = _unpooled("xla", self.kernel_grad)(*_space_to_depth(x, kernel, self.padding,
                                                                self.stride), 0)

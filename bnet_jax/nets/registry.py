@@ -7,7 +7,7 @@ Every constructor takes the keyword options ``input_shape`` ((H, W, C)) and
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from bnet_jax.nets import alexnet, lenet, resnet
+from bnet_jax.nets import alexnet, lenet, onednn, resnet
 from bnet_jax.nets.core import Network
 
 _REGISTRY: dict[str, Callable[..., Network]] = {
@@ -80,6 +80,17 @@ _MEASURED["cpu"]["lenet"] = {  # B-LeNet's choices without exit 1's.
                        for b, o in _MEASURED["cpu"]["b_lenet"]["inference"]),
 }
 
+# Training on one CPU device where oneDNN's convolutions build (`onednn.available`):
+# they replace XLA:CPU's, whose convolutions and kernel-gradient transposes take most
+# of these networks' train steps. Several devices keep XLA's: the FFI call has no
+# partitioning rule, so XLA would gather the batch onto every device around it.
+_ONEDNN_TRAIN: dict[str, dict[str, str]] = {
+    "b_resnet": {"conv_impl": "onednn", "strided_conv_impl": "onednn"},
+    "resnet": {"conv_impl": "onednn", "strided_conv_impl": "onednn"},
+    "b_alexnet": {"conv_impl": "onednn"},
+    "alexnet": {"conv_impl": "onednn"},
+}
+
 # Implementation names from before the kernel gradient was an option of its own, as
 # older configs and workdirs (config.json, runs.json) hold them: old name -> (name, the
 # kernel gradient the old name implied).
@@ -142,12 +153,22 @@ def platform() -> str:
   return jax.default_backend()
 
 
+def _onednn_trains(name: str, platform_name: str) -> bool:
+  """Whether "auto" trains `name` with oneDNN's convolutions (`_ONEDNN_TRAIN`)."""
+  if name not in _ONEDNN_TRAIN or platform_name != "cpu":
+    return False
+  import jax  # noqa: PLC0415 -- the registry itself does not need JAX at import.
+  return jax.device_count() == 1 and onednn.available()
+
+
 def _choices(name: str, platform_name: str, batch_size: int | None) -> dict[str, str]:
   """Every implementation and kernel-gradient field of `name` as chosen for a platform and batch."""
   measured = _MEASURED.get(platform_name, {}).get(name)
   chosen = {}
   for field in _IMPL_FIELDS.get(name, ()):
     chosen.update({field: "xla", _kernel_grad_field(field): "autodiff"})
+  if batch_size is None and _onednn_trains(name, platform_name):
+    return {**chosen, **_ONEDNN_TRAIN[name]}
   if measured is None:
     return chosen
   if batch_size is None:

@@ -1,0 +1,218 @@
+"""oneDNN's convolutions for JAX on CPU, through XLA's foreign-function interface.
+
+XLA:CPU's convolutions, and the transposes that feed its kernel gradient, take most of
+a ResNet's train step on a CPU; oneDNN's (what PyTorch uses there) are several times
+faster. `conv` runs a float32 NHWC convolution and both its gradients as oneDNN calls.
+
+They are native code, built on first use from `onednn_conv.cc` with the machine's C++
+compiler against oneDNN 3 (the extra ``pip install bnet-jax[onednn]`` brings its headers
+and library on x86-64 Linux) and cached, keyed by everything the build read, under
+``$BNET_JAX_CACHE`` (default ``~/.cache/bnet_jax``). Where any of that is missing,
+`unavailable_reason` says what, and layer implementation "auto" keeps XLA's
+convolutions. ``BNET_ONEDNN=0`` turns it off; ``BNET_ONEDNN_ROOT`` names a oneDNN
+installation (a prefix with ``include/`` and ``lib/``) other than this Python's.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+from jax import lax
+
+_SOURCE = Path(__file__).with_name("onednn_conv.cc")
+_LIBRARY = "libdnnl.so.3"
+# FFI target names -> the handler symbols of onednn_conv.cc.
+_TARGETS = {"bnet_onednn_conv_forward": "BnetOnednnConvForward",
+            "bnet_onednn_conv_input_grad": "BnetOnednnConvInputGrad",
+            "bnet_onednn_conv_kernel_grad": "BnetOnednnConvKernelGrad"}
+
+
+class OnednnUnavailableError(ValueError):
+  """oneDNN's convolutions cannot be used here; the message says why and what to do."""
+
+
+def _prefixes() -> list[Path]:
+  """Where to look for oneDNN: $BNET_ONEDNN_ROOT alone if set, else this Python's prefix, /usr."""
+  if os.environ.get("BNET_ONEDNN_ROOT"):
+    return [Path(os.environ["BNET_ONEDNN_ROOT"])]
+  return [Path(sysconfig.get_paths()["data"]), Path(sys.prefix), Path("/usr")]
+
+
+def _find_onednn() -> tuple[Path, Path]:
+  """The include and library directories of a oneDNN 3 installation."""
+  for prefix in _prefixes():
+    include = prefix / "include"
+    for lib in (prefix / "lib", prefix / "lib64", prefix / "lib" / "x86_64-linux-gnu"):
+      if (include / "oneapi" / "dnnl" / "dnnl.hpp").is_file() and (lib / _LIBRARY).is_file():
+        return include, lib
+  where = ", ".join(str(p) for p in _prefixes())
+  raise OnednnUnavailableError(
+      f"no oneDNN 3 headers and {_LIBRARY} under {where}: pip install 'bnet-jax[onednn]' "
+      "(x86-64 Linux), or set BNET_ONEDNN_ROOT to a oneDNN 3 installation.")
+
+
+def _compiler() -> str:
+  """The C++ compiler: $CXX, else g++ or c++ on PATH."""
+  for name in (os.environ.get("CXX"), "g++", "c++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  raise OnednnUnavailableError("no C++ compiler (g++ or $CXX) to build the oneDNN "
+                               "convolutions: install g++.")
+
+
+def _cache_dir() -> Path:
+  """Where built libraries are kept: $BNET_JAX_CACHE, else ~/.cache/bnet_jax."""
+  root = os.environ.get("BNET_JAX_CACHE") or Path.home() / ".cache" / "bnet_jax"
+  return Path(root)
+
+
+def _build() -> Path:
+  """The shared library of onednn_conv.cc for this JAX and oneDNN, built if not cached."""
+  include, lib = _find_onednn()
+  compiler = _compiler()
+  jax_include = jax.ffi.include_dir()
+  dnnl = (lib / _LIBRARY).resolve()
+  key = hashlib.sha256()
+  for part in (_SOURCE.read_bytes(), jaxlib.__version__.encode(), str(jax_include).encode(),
+               compiler.encode(), str(dnnl).encode(), str(dnnl.stat().st_size).encode(),
+               (include / "oneapi" / "dnnl" / "dnnl_version.h").read_bytes()):
+    key.update(part)
+  target = _cache_dir() / f"onednn_conv-{key.hexdigest()[:16]}.so"
+  if target.is_file():
+    return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  # Built beside the target and renamed into place: concurrent builders never see half a file.
+  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    built = Path(tmp) / target.name
+    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{jax_include}",
+               f"-I{include}", str(_SOURCE), "-o", str(built), f"-L{lib}", f"-l:{_LIBRARY}",
+               f"-Wl,-rpath,{lib}"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+      errors = [line for line in done.stderr.splitlines() if "error" in line] or [""]
+      raise OnednnUnavailableError(
+          f"building the oneDNN convolutions failed ({Path(compiler).name} exit "
+          f"{done.returncode}: {errors[0].strip()}); set BNET_ONEDNN=0 to use XLA's.")
+    os.replace(built, target)
+  return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+  """The built library, loaded, with its handlers registered with JAX (once a process)."""
+  if os.environ.get("BNET_ONEDNN", "1") == "0":
+    raise OnednnUnavailableError("turned off by BNET_ONEDNN=0.")
+  if sys.platform != "linux":
+    raise OnednnUnavailableError(f"built on Linux only, not {sys.platform}.")
+  library = ctypes.CDLL(str(_build()))
+  for target, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                platform="cpu")
+  return library
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+  """Why oneDNN's convolutions cannot be used here (None: they can; builds them if needed)."""
+  try:
+    _library()
+  except OnednnUnavailableError as e:
+    return str(e)
+  except OSError as e:  # A library that does not load (a wrong architecture, say).
+    return f"the oneDNN convolutions do not load: {e}"
+  return None
+
+
+def available() -> bool:
+  """Whether `conv` runs oneDNN's convolutions here (builds them on first use)."""
+  return unavailable_reason() is None
+
+
+def version() -> str:
+  """The oneDNN version the convolutions run on, e.g. "3.2.0"."""
+  v = _library().bnet_onednn_version()
+  return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+
+
+def _attributes(strides: tuple[int, int], padding: tuple[int, int, int, int]) -> dict:
+  (sh, sw), (pt, pb, pl, pr) = strides, padding
+  return {name: np.int64(v) for name, v in zip(
+      ("stride_h", "stride_w", "pad_top", "pad_bottom", "pad_left", "pad_right"),
+      (sh, sw, pt, pb, pl, pr))}
+
+
+def _forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+             padding: tuple[int, int, int, int]) -> jax.Array:
+  n, h, w, _ = x.shape
+  kh, kw, _, cout = kernel.shape
+  (sh, sw), (pt, pb, pl, pr) = strides, padding
+  out = jax.ShapeDtypeStruct((n, (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1,
+                              cout), jnp.float32)
+  return jax.ffi.ffi_call("bnet_onednn_conv_forward", out)(
+      x, kernel, **_attributes(strides, padding))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+          padding: tuple[int, int, int, int]) -> jax.Array:
+  return _forward(x, kernel, strides, padding)
+
+
+def _conv_fwd(x, kernel, strides, padding):
+  return _forward(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_bwd(strides, padding, residuals, g):
+  x, kernel = residuals
+  attributes = _attributes(strides, padding)
+  dx = jax.ffi.ffi_call("bnet_onednn_conv_input_grad", jax.ShapeDtypeStruct(x.shape, x.dtype))(
+      g, kernel, **attributes)
+  dkernel = jax.ffi.ffi_call("bnet_onednn_conv_kernel_grad",
+                             jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))(x, g, **attributes)
+  return dx, dkernel
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
+         padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))) -> jax.Array:
+  """`lax.conv_general_dilated` (NHWC, HWIO) as oneDNN calls, forward and both gradients.
+
+  Other dtypes than float32 run XLA's convolution: the oneDNN calls are float32 only.
+
+  Args:
+    x: (B, H, W, C_in).
+    kernel: (KH, KW, C_in, C_out), HWIO.
+    strides: (stride_h, stride_w).
+    padding: ((top, bottom), (left, right)) zeros.
+
+  Returns:
+    (B, (H + top + bottom - KH) // stride_h + 1, (W + left + right - KW) // stride_w + 1,
+    C_out).
+
+  Raises:
+    OnednnUnavailableError: float32 operands and no oneDNN here (`unavailable_reason`),
+      or a platform other than the CPU.
+  """
+  if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+    return lax.conv_general_dilated(x, kernel, strides, padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  reason = (unavailable_reason() if jax.default_backend() == "cpu"
+            else f"it runs on the CPU only, and JAX computes on {jax.default_backend()}.")
+  if reason:
+    raise OnednnUnavailableError(f"layer implementation 'onednn' cannot run here: {reason} "
+                                 "Use 'auto' or 'xla'.")
+  (pt, pb), (pl, pr) = padding
+  return _conv(x, kernel, tuple(int(s) for s in strides), (int(pt), int(pb), int(pl), int(pr)))

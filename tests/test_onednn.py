@@ -1,0 +1,178 @@
+"""oneDNN's convolutions (nets.onednn): XLA's values and gradients, the layers and train
+step that use them, and what happens where they cannot be built."""
+
+import os
+import platform
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+
+from bnet_jax import nets
+from bnet_jax.inference import cost
+from bnet_jax.nets import layers, onednn
+from bnet_jax.training import train
+from experiments import train_runner
+from tests.helpers import REPO
+
+# The README's set-up installs the `onednn` extra; its wheels exist for x86-64 Linux.
+EXPECTED = sys.platform == "linux" and platform.machine() == "x86_64"
+
+
+def test_available_where_the_extra_installs():
+  if EXPECTED:
+    assert onednn.available(), onednn.unavailable_reason()
+    assert onednn.version().startswith("3.")
+  else:
+    assert "pip install 'bnet-jax[onednn]'" in onednn.unavailable_reason()
+
+
+needs_onednn = pytest.mark.skipif(not EXPECTED, reason="oneDNN's wheels: x86-64 Linux only")
+
+
+def _xla(x, kernel, strides, padding):
+  return lax.conv_general_dilated(x, kernel, strides, padding,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@needs_onednn
+@pytest.mark.newest
+@pytest.mark.parametrize("x_shape, kernel_shape, strides, padding", [
+    ((4, 9, 9, 3), (3, 3, 3, 5), (1, 1), ((1, 1), (1, 1))),    # ResNet's 3x3.
+    ((4, 10, 10, 6), (3, 3, 6, 7), (2, 2), ((1, 1), (1, 1))),  # Its stride-2 3x3.
+    ((2, 8, 8, 4), (1, 1, 4, 8), (2, 2), ((0, 0), (0, 0))),    # Its 1x1 shortcut.
+    ((3, 7, 9, 2), (5, 5, 2, 4), (1, 1), ((2, 1), (0, 2))),    # Uneven padding, H != W.
+    ((1, 6, 6, 1), (3, 3, 1, 16), (1, 1), ((0, 0), (0, 0))),   # One input channel, batch 1.
+])
+def test_matches_xla_values_and_both_gradients(x_shape, kernel_shape, strides, padding):
+  kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, x_shape)
+  kernel = jax.random.normal(kk, kernel_shape)
+  want, xla_vjp = jax.vjp(lambda x, k: _xla(x, k, strides, padding), x, kernel)
+  got, ours_vjp = jax.jit(lambda x, k: jax.vjp(
+      lambda x, k: onednn.conv(x, k, strides, padding), x, k))(x, kernel)
+  g = jax.random.normal(kg, want.shape)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for ours, theirs in zip(jax.jit(ours_vjp)(g), xla_vjp(g)):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+def test_other_dtypes_run_xla():
+  x = jnp.ones((2, 5, 5, 3), jnp.bfloat16)
+  kernel = jnp.ones((3, 3, 3, 4), jnp.bfloat16)
+  hlo = jax.jit(lambda x, k: onednn.conv(x, k)).lower(x, kernel).as_text()
+  assert "custom_call" not in hlo and "convolution" in hlo
+  assert jax.jit(lambda x, k: onednn.conv(x, k)).lower(
+      x.astype(jnp.float32), kernel.astype(jnp.float32)).as_text().count("custom_call") == 1
+
+
+@needs_onednn
+@pytest.mark.parametrize("module, options", [
+    (layers.Conv, {"features": 6, "kernel_size": 3, "padding": 1}),
+    (layers.Conv, {"features": 6, "kernel_size": 3, "padding": 1, "pool": 2}),
+    (layers.StridedConv, {"features": 6, "kernel_size": 3, "padding": 1, "stride": 2}),
+])
+def test_layers_compute_what_xla_does(module, options):
+  x = jax.random.normal(jax.random.key(1), (3, 8, 8, 4))
+  variables = module(impl="xla", **options).init(jax.random.key(2), x)
+
+  def value_and_grads(impl):
+    loss = lambda v, x: jnp.sum(jnp.sin(module(impl=impl, **options).apply(v, x)))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x)
+
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+               value_and_grads("onednn"), value_and_grads("xla"))
+
+
+@needs_onednn
+@pytest.mark.newest
+def test_b_resnet_trains_alike_with_onednn_and_xla():
+  """Three joint SGD steps of a small B-ResNet from the same start, both ways."""
+  def train_three_steps(impl):
+    net = nets.get("b_resnet", depth=8, exit_heads="trunk", input_shape=(24, 24, 2),
+                   num_classes=5, conv_impl=impl, strided_conv_impl=impl)
+    phase = train.Phase("joint", net, (1.0,) * net.num_exits, 0, 1)
+    tx = optax.sgd(0.1)  # Not Adam: it would scale the rounding noise of zero gradients.
+    state = train.initial_state(phase, tx, nets.init(net, jax.random.key(0)), 0)
+    step = train.make_train_step(phase, tx)
+    batch = train_runner.random_batch(net, 16)
+    hlo = step.lower(state, batch, jax.random.key(0)).as_text()
+    losses = []
+    for _ in range(3):
+      state, metrics = step(state, batch, jax.random.key(0))
+      losses.append(np.asarray(metrics["loss"]))
+    return hlo, losses, state.params
+
+  xla_hlo, xla_losses, xla_params = train_three_steps("xla")
+  hlo, losses, params = train_three_steps("onednn")
+  assert "custom_call" not in xla_hlo and "bnet_onednn_conv_kernel_grad" in hlo
+  np.testing.assert_allclose(losses, xla_losses, rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+               params, xla_params)
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, env={**os.environ, **env})
+
+
+def test_without_onednn_auto_keeps_xla_and_asking_for_it_is_one_line(tmp_path):
+  """No oneDNN found: "auto" trains with XLA's convolutions, and an explicit "onednn"
+  is a ValueError that says what to install; a failed build says so too."""
+  code = (
+      "from bnet_jax import nets\n"
+      "from bnet_jax.nets import onednn\n"
+      "print(nets.resolve_options('b_resnet', {})['conv_impl'])\n"
+      "print(onednn.unavailable_reason())\n"
+      "net = nets.get('b_resnet', depth=8, conv_impl='onednn', input_shape=(24, 24, 1))\n"
+      "try:\n"
+      "  nets.init(net, __import__('jax').random.key(0))\n"
+      "except onednn.OnednnUnavailableError as e:\n"
+      "  print('refused:', e)\n")
+  empty = tmp_path / "no-onednn"
+  empty.mkdir()
+  done = _python(code, BNET_ONEDNN_ROOT=str(empty), BNET_JAX_CACHE=str(tmp_path / "cache"))
+  assert done.returncode == 0, done.stderr
+  auto, reason, refused = done.stdout.splitlines()
+  assert auto == "xla"
+  assert "pip install 'bnet-jax[onednn]'" in reason and str(empty) in reason
+  assert refused.startswith("refused: layer implementation 'onednn' cannot run here")
+  assert "Use 'auto' or 'xla'" in refused
+
+  off = _python(code, BNET_ONEDNN="0")
+  assert off.stdout.splitlines()[:2] == ["xla", "turned off by BNET_ONEDNN=0."], off.stderr
+  if EXPECTED:  # A compiler that fails: the build's failure, not a traceback.
+    broken = _python(code, CXX="false", BNET_JAX_CACHE=str(tmp_path / "cache"))
+    assert broken.stdout.splitlines()[0] == "xla", broken.stderr
+    assert broken.stdout.splitlines()[1].startswith(
+        "building the oneDNN convolutions failed (false exit 1")
+
+
+def test_a_cli_asked_for_onednn_without_it_fails_in_one_line(tmp_path):
+  done = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmark_train", "--model=b_resnet",
+       "--options=depth=8", "--variants=conv_impl=onednn", "--steps=1", "--repeats=1"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "BNET_ONEDNN": "0"})
+  assert done.returncode == 2
+  lines = done.stderr.strip().splitlines()
+  assert lines[-1].startswith("error: --variants: layer implementation 'onednn' cannot run "
+                              "here: turned off by BNET_ONEDNN=0."), done.stderr
+  assert "Traceback" not in done.stderr
+
+
+@needs_onednn
+def test_flop_counts_are_those_of_xla_convolutions():
+  """XLA counts no FLOPs inside a custom call: the counts are taken on XLA's own."""
+  net = nets.get("b_resnet", depth=8, exit_heads="trunk", conv_impl="onednn",
+                 strided_conv_impl="onednn")
+  variables = nets.init(net, jax.random.key(0))
+  counts = cost.segment_flops(net, variables)
+  assert counts == cost.segment_flops(net.with_conv_impl("xla"), variables)
+  assert all(c > 1e6 for c in counts)
