@@ -22,16 +22,20 @@ weights the last two by the exit fraction, as the README's Table 1 reports it.
 With ``--train_batch_size``, it times joint training of ``--model`` (every exit's
 cross-entropy, summed with weight 1, Adam at lr 1e-3) in both frameworks on the same
 random batch: ours is the jitted train step the other benchmarks time
-(`experiments.train_runner`), PyTorch's runs in train mode (batch statistics, dropout). Both are warmed up, then timed
-in rotation (`timing.interleaved_medians`: drift hits both alike); each figure is images/s
-over the median of ``--repeats`` runs of ``--train_steps`` synchronised steps.
+(`experiments.train_runner`), PyTorch's runs in train mode (batch statistics, dropout).
+Each framework trains in a process of its own, so that neither's threads compete with
+the other's, and the parent times them in rotation (`timing.interleaved_medians`: drift
+hits both alike) after warming both up; each figure is images/s over the median of
+``--repeats`` runs of ``--train_steps`` synchronised steps.
 """
 
 if __name__ == "__main__":  # Before JAX loads: restart with tcmalloc (experiments/preload.py).
   from experiments import preload
   preload.reexec_with_tcmalloc()
 
+import functools
 import json
+import multiprocessing
 import os
 import statistics
 import time
@@ -119,15 +123,66 @@ def torch_train_runner(model: Any, batch: dict[str, np.ndarray], steps: int
   return run
 
 
-def time_training(net: nets.Network, variables: nets.Variables, model: Any, batch_size: int,
-                  steps: int, repeats: int) -> dict[str, float]:
-  """Images/s of our joint training ("jax") and PyTorch's ("pytorch"): each warmed up,
-  then both timed in rotation, each figure the median of `repeats` runs of `steps` steps."""
-  batch = train_runner.random_batch(net, batch_size)
-  runners = {"jax": train_runner.joint_step_runner(net, batch, steps, variables),
-             "pytorch": torch_train_runner(model, batch, steps)}
-  seconds = timing.interleaved_medians(runners, repeats=repeats, warmup=2)
-  return {name: batch_size * steps / s for name, s in seconds.items()}
+def _serve(framework: str, conn: Any, setup: dict[str, Any]) -> None:
+  """A timing worker: builds `framework`'s ("jax" or "pytorch") joint train step on
+  `setup`'s batch, then runs it once for each request on `conn` until it gets None.
+
+  Replies True when a run is done, or the error's text if building or running failed.
+  """
+  try:
+    batch, steps = setup["batch"], setup["steps"]
+    if framework == "jax":
+      runtime.configure()
+      net = nets.get(setup["model"], **setup["options"])
+      run = train_runner.joint_step_runner(net, batch, steps, nets.init(net, jax.random.key(0)))
+    else:
+      import torch  # noqa: PLC0415 -- optional; only this worker runs PyTorch.
+
+      from experiments import torch_nets  # noqa: PLC0415 -- imports torch.
+      torch.set_num_threads(setup["cores"])
+      torch.manual_seed(0)
+      run = torch_train_runner(torch_nets.get(setup["model"], **setup["options"]), batch, steps)
+    while conn.recv() is not None:
+      run()
+      conn.send(True)
+  except Exception as e:  # noqa: BLE001 -- reported to the parent, which raises it.
+    conn.send(f"{framework} worker: {type(e).__name__}: {e}")
+
+
+def time_training(model: str, options: dict[str, Any], batch: dict[str, np.ndarray],
+                  cores: int, steps: int, repeats: int) -> dict[str, float]:
+  """Images/s of our joint training ("jax") and PyTorch's ("pytorch") on `batch`.
+
+  Each framework runs in a process of its own, so neither's threads (oneDNN's OpenMP
+  team in both, XLA's pool in ours) compete with or are shared by the other's; the
+  two are warmed up, then timed in rotation from here, each figure the median of
+  `repeats` runs of `steps` steps.
+  """
+  context = multiprocessing.get_context("spawn")
+  setup = {"model": model, "options": options, "batch": batch, "cores": cores, "steps": steps}
+  workers, runners = [], {}
+  try:
+    for framework in ("jax", "pytorch"):
+      conn, child = context.Pipe()
+      worker = context.Process(target=_serve, args=(framework, child, setup), daemon=True)
+      worker.start()
+      workers.append((worker, conn))
+      runners[framework] = functools.partial(_request, conn)
+    seconds = timing.interleaved_medians(runners, repeats=repeats, warmup=2)
+  finally:
+    for worker, conn in workers:
+      if worker.is_alive():
+        conn.send(None)
+      worker.join(timeout=30)
+  return {name: len(batch["label"]) * steps / s for name, s in seconds.items()}
+
+
+def _request(conn: Any) -> None:
+  """Asks a worker of `time_training` for one timed run and waits for it."""
+  conn.send(True)
+  reply = conn.recv()
+  if reply is not True:
+    raise RuntimeError(reply)
 
 
 def time_lenet_paths(model: Any, input_shape: tuple[int, int, int], samples: int,
@@ -225,8 +280,8 @@ def main(argv: list[str]) -> None:
         f"{cores} core(s))")
 
   if _TRAIN_BATCH.value:
-    rates = time_training(net, variables, model, _TRAIN_BATCH.value, _TRAIN_STEPS.value,
-                          _REPEATS.value)
+    rates = time_training(_MODEL.value, options, train_runner.random_batch(net, _TRAIN_BATCH.value),
+                          cores, _TRAIN_STEPS.value, _REPEATS.value)
     row.update(batch_size=_TRAIN_BATCH.value, train_steps=_TRAIN_STEPS.value,
                repeats=_REPEATS.value, images_per_s=rates,
                ratio_jax_over_pytorch=rates["jax"] / rates["pytorch"])
