@@ -6,6 +6,7 @@ import platform
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,7 +97,8 @@ def test_b_resnet_trains_alike_with_onednn_and_xla():
   """Three joint SGD steps of a small B-ResNet from the same start, both ways."""
   def train_three_steps(impl):
     net = nets.get("b_resnet", depth=8, exit_heads="trunk", input_shape=(24, 24, 2),
-                   num_classes=5, conv_impl=impl, strided_conv_impl=impl)
+                   num_classes=5, conv_impl=impl, strided_conv_impl=impl,
+                   norm_impl="flax" if impl == "xla" else impl)
     phase = train.Phase("joint", net, (1.0,) * net.num_exits, 0, 1)
     tx = optax.sgd(0.1)  # Not Adam: it would scale the rounding noise of zero gradients.
     state = train.initial_state(phase, tx, nets.init(net, jax.random.key(0)), 0)
@@ -111,10 +113,58 @@ def test_b_resnet_trains_alike_with_onednn_and_xla():
 
   xla_hlo, xla_losses, xla_params = train_three_steps("xla")
   hlo, losses, params = train_three_steps("onednn")
-  assert "custom_call" not in xla_hlo and "bnet_onednn_conv_kernel_grad" in hlo
+  assert "custom_call" not in xla_hlo
+  assert "bnet_onednn_conv_kernel_grad" in hlo and "bnet_onednn_norm_backward" in hlo
   np.testing.assert_allclose(losses, xla_losses, rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
                params, xla_params)
+
+
+@needs_onednn
+@pytest.mark.newest
+def test_batch_norm_matches_its_definition_with_gradients():
+  kx, ks, kb, kg = jax.random.split(jax.random.key(3), 4)
+  x = 3 * jax.random.normal(kx, (16, 7, 5, 12)) + 1
+  scale = 1 + 0.1 * jax.random.normal(ks, (12,))
+  shift = 0.1 * jax.random.normal(kb, (12,))
+  g = jax.random.normal(kg, x.shape)
+
+  def reference(x, scale, shift, epsilon):
+    mean = jnp.mean(x, (0, 1, 2))
+    var = jnp.mean(jnp.square(x - mean), (0, 1, 2))
+    return (x - mean) * lax.rsqrt(var + epsilon) * scale + shift, mean, var
+
+  for norm in (reference, onednn.batch_norm):
+    got = jax.jit(norm, static_argnums=3)(x, scale, shift, 1e-5)
+    grads = jax.grad(lambda *a: jnp.sum(norm(*a, 1e-5)[0] * g), argnums=(0, 1, 2))(
+        x, scale, shift)
+    if norm is reference:
+      want, want_grads = got, grads
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+               (got, grads), (want, want_grads))
+
+
+@needs_onednn
+@pytest.mark.parametrize("train", [True, False])
+def test_onednn_batch_norm_layer_is_flax_batch_norm(train):
+  """Same variables, outputs, updated statistics and gradients as nn.BatchNorm."""
+  x = 2 * jax.random.normal(jax.random.key(4), (8, 6, 6, 5)) - 1
+  modules = {impl: layers.batch_norm(impl, train, "bn", jnp.float32, momentum=0.9,
+                                     epsilon=1e-5) for impl in layers.NORM_IMPLS}
+  assert isinstance(modules["flax"], nn.BatchNorm)
+  variables = modules["flax"].init(jax.random.key(5), x)
+  variables = jax.tree.map(lambda v: v + 0.1 * jnp.arange(v.size).reshape(v.shape), variables)
+  assert jax.tree.structure(modules["onednn"].init(jax.random.key(5), x)) == \
+      jax.tree.structure(variables)
+
+  def run(module):
+    def loss(variables, x):
+      y, updated = module.apply(variables, x, mutable=["batch_stats"])
+      return jnp.sum(jnp.sin(y)), updated
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(variables, x)
+
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+               run(modules["onednn"]), run(modules["flax"]))
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -151,7 +201,7 @@ def test_without_onednn_auto_keeps_xla_and_asking_for_it_is_one_line(tmp_path):
     broken = _python(code, CXX="false", BNET_JAX_CACHE=str(tmp_path / "cache"))
     assert broken.stdout.splitlines()[0] == "xla", broken.stderr
     assert broken.stdout.splitlines()[1].startswith(
-        "building the oneDNN convolutions failed (false exit 1")
+        "building the oneDNN operations failed (false exit 1")
 
 
 def test_a_cli_asked_for_onednn_without_it_fails_in_one_line(tmp_path):

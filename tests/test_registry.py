@@ -53,7 +53,7 @@ def test_training_choices_per_platform(monkeypatch):
   for name in ("b_alexnet", "b_resnet", "resnet", "alexnet"):
     for platform in PLATFORMS:
       want = {"conv_impl": "xla", "conv_kernel_grad": "autodiff", "depth": 8,
-              **(strided if "resnet" in name else {})}
+              **(strided | {"norm_impl": "flax"} if "resnet" in name else {})}
       if "resnet" in name and platform == "cpu":
         want["strided_conv_impl"] = "space_to_depth"
       assert nets.resolve_options(name, {"conv_impl": "auto", "depth": 8},
@@ -71,11 +71,12 @@ def test_onednn_trains_the_cifar_families_on_one_cpu_device(monkeypatch, devices
              if k.endswith("_impl")}
     if devices == 1:  # Several devices: the FFI call has no partitioning rule.
       assert set(impls.values()) == {"onednn"}
+      assert len(impls) == (3 if "resnet" in name else 1)  # BatchNorm too.
     else:
       assert "onednn" not in impls.values()
     for platform in ("gpu", "tpu"):
-      assert set(nets.resolve_options(name, {}, platform_name=platform).values()) == {
-          "xla", "autodiff"}
+      assert set(nets.resolve_options(name, {}, platform_name=platform).values()) <= {
+          "xla", "autodiff", "flax"}
     for b in TIERS:  # Inference keeps XLA's convolutions: not measured with oneDNN.
       assert "onednn" not in nets.inference_options(name, b, "cpu").values()
   assert "onednn" not in nets.resolve_options("b_lenet", {}, platform_name="cpu").values()
@@ -92,7 +93,7 @@ def test_inference_choices_per_platform_and_batch():
       assert nets.inference_options("b_lenet", b, accelerator) == XLA
       assert nets.inference_options("b_resnet", b, accelerator) == {
           "conv_impl": "xla", "conv_kernel_grad": "autodiff", "strided_conv_impl": "xla",
-          "strided_conv_kernel_grad": "autodiff"}
+          "strided_conv_kernel_grad": "autodiff", "norm_impl": "flax"}
 
 
 def test_explicit_choices_are_kept_and_absent_ones_filled():
@@ -145,7 +146,7 @@ def test_workdir_options_with_old_names_resolve():
   assert nets.resolve_options("b_resnet", {"depth": 8, "conv_impl": "xla_pad8"},
                               platform_name="gpu") == {
       "depth": 8, "conv_impl": "xla_channels_pad8", "conv_kernel_grad": "autodiff",
-      "strided_conv_impl": "xla", "strided_conv_kernel_grad": "autodiff"}
+      "strided_conv_impl": "xla", "strided_conv_kernel_grad": "autodiff", "norm_impl": "flax"}
   assert nets.get("b_lenet", **old_train) == nets.get("b_lenet", **CPU_TRAIN)
 
 

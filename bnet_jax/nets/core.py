@@ -82,7 +82,8 @@ class Network:
     Implementations share parameters (see `layers.Conv`), so the result runs the
     same variables. Stage modules name their implementation fields ``conv_impl``
     and ``conv_kernel_grad`` (set to `kernel_grad`); strided convolutions, where a
-    module has them (``strided_conv_impl``), become XLA's own.
+    module has them (``strided_conv_impl``), become XLA's own, and BatchNorms
+    (``norm_impl``) Flax's.
     """
     def swap(module: nn.Module | None) -> nn.Module | None:
       if module is None:
@@ -92,6 +93,8 @@ class Network:
         fields.update(conv_impl=impl, conv_kernel_grad=kernel_grad)
       if hasattr(module, "strided_conv_impl"):
         fields.update(strided_conv_impl="xla", strided_conv_kernel_grad="autodiff")
+      if hasattr(module, "norm_impl"):
+        fields.update(norm_impl="flax")
       return module.clone(**fields) if fields else module
     return dataclasses.replace(self, stages=tuple(
         Stage(swap(s.trunk), swap(s.head)) for s in self.stages))

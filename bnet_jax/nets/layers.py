@@ -439,6 +439,52 @@ class StridedConv(_SquareConv):
     return y + bias
 
 
+# Implementations of `batch_norm` in training; both keep Flax's variables ("scale",
+# "bias"; "batch_stats" "mean", "var"), so a checkpoint runs with either.
+NORM_IMPLS: dict[str, str] = {
+    "flax": "Flax's nn.BatchNorm: the reference, and the choice on GPU and TPU.",
+    "onednn": "oneDNN's batch normalization and its gradient through XLA's FFI (float32, "
+              "CPU; nets.onednn): XLA:CPU's BatchNorm sums are slow.",
+}
+
+
+class _OnednnBatchNorm(nn.Module):
+  """`nn.BatchNorm`'s computation and variables, with batch statistics from `onednn.batch_norm`."""
+  use_running_average: bool
+  momentum: float
+  epsilon: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """(B, H, W, C) float32 -> the same, normalised per channel."""
+    c = x.shape[-1]
+    mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    if self.use_running_average:
+      return (x - mean.value) * (lax.rsqrt(var.value + self.epsilon) * scale) + bias
+    y, batch_mean, batch_var = onednn.batch_norm(x, scale, bias, self.epsilon)
+    if not self.is_initializing():
+      mean.value = self.momentum * mean.value + (1 - self.momentum) * batch_mean
+      var.value = self.momentum * var.value + (1 - self.momentum) * batch_var
+    return y
+
+
+def batch_norm(impl: str, train: bool, name: str, dtype: jnp.dtype, *, momentum: float,
+               epsilon: float) -> nn.Module:
+  """A BatchNorm module named `name`, (B, H, W, C) -> (B, H, W, C): batch statistics in
+  training, running ones otherwise, by `NORM_IMPLS[impl]` (dtypes other than float32:
+  Flax's, since oneDNN's calls are float32 only)."""
+  if impl not in NORM_IMPLS:
+    raise ValueError(f"Unknown norm impl {impl!r}; expected one of {tuple(NORM_IMPLS)}.")
+  if impl == "onednn" and jnp.dtype(dtype) == jnp.float32:
+    return _OnednnBatchNorm(not train, momentum, epsilon, name=name)
+  # Flax reduces the statistics in float32 and keeps the running ones float32.
+  return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
+                      dtype=dtype, name=name)
+
+
 def _pool_windows(x: jax.Array, window: int) -> jax.Array:
   """(B, H, W, C) -> (B, Ho, window, Wo, window, C), edges padded with -inf.
 

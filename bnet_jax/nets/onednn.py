@@ -1,10 +1,12 @@
-"""oneDNN's convolutions for JAX on CPU, through XLA's foreign-function interface.
+"""oneDNN's convolutions and batch normalization for JAX on CPU, through XLA's FFI.
 
 XLA:CPU's convolutions, and the transposes that feed its kernel gradient, take most of
-a ResNet's train step on a CPU; oneDNN's (what PyTorch uses there) are several times
-faster. `conv` runs a float32 NHWC convolution and both its gradients as oneDNN calls.
+a ResNet's train step on a CPU, and its BatchNorm sums much of the rest; oneDNN's
+(what PyTorch uses there) are several times faster. `conv` runs a float32 NHWC
+convolution and both its gradients as oneDNN calls, `batch_norm` batch normalization
+with batch statistics and its gradients.
 
-They are native code, built on first use from `onednn_conv.cc` with the machine's C++
+They are native code, built on first use from `onednn_ops.cc` with the machine's C++
 compiler against oneDNN 3 (the extra ``pip install bnet-jax[onednn]`` brings its headers
 and library on x86-64 Linux) and cached, keyed by everything the build read, under
 ``$BNET_JAX_CACHE`` (default ``~/.cache/bnet_jax``). Where any of that is missing,
@@ -30,12 +32,14 @@ import jaxlib
 import numpy as np
 from jax import lax
 
-_SOURCE = Path(__file__).with_name("onednn_conv.cc")
+_SOURCE = Path(__file__).with_name("onednn_ops.cc")
 _LIBRARY = "libdnnl.so.3"
-# FFI target names -> the handler symbols of onednn_conv.cc.
+# FFI target names -> the handler symbols of onednn_ops.cc.
 _TARGETS = {"bnet_onednn_conv_forward": "BnetOnednnConvForward",
             "bnet_onednn_conv_input_grad": "BnetOnednnConvInputGrad",
-            "bnet_onednn_conv_kernel_grad": "BnetOnednnConvKernelGrad"}
+            "bnet_onednn_conv_kernel_grad": "BnetOnednnConvKernelGrad",
+            "bnet_onednn_norm_forward": "BnetOnednnNormForward",
+            "bnet_onednn_norm_backward": "BnetOnednnNormBackward"}
 
 
 class OnednnUnavailableError(ValueError):
@@ -78,7 +82,7 @@ def _cache_dir() -> Path:
 
 
 def _build() -> Path:
-  """The shared library of onednn_conv.cc for this JAX and oneDNN, built if not cached."""
+  """The shared library of onednn_ops.cc for this JAX and oneDNN, built if not cached."""
   include, lib = _find_onednn()
   compiler = _compiler()
   jax_include = jax.ffi.include_dir()
@@ -88,7 +92,7 @@ def _build() -> Path:
                compiler.encode(), str(dnnl).encode(), str(dnnl.stat().st_size).encode(),
                (include / "oneapi" / "dnnl" / "dnnl_version.h").read_bytes()):
     key.update(part)
-  target = _cache_dir() / f"onednn_conv-{key.hexdigest()[:16]}.so"
+  target = _cache_dir() / f"onednn_ops-{key.hexdigest()[:16]}.so"
   if target.is_file():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +106,7 @@ def _build() -> Path:
     if done.returncode:
       errors = [line for line in done.stderr.splitlines() if "error" in line] or [""]
       raise OnednnUnavailableError(
-          f"building the oneDNN convolutions failed ({Path(compiler).name} exit "
+          f"building the oneDNN operations failed ({Path(compiler).name} exit "
           f"{done.returncode}: {errors[0].strip()}); set BNET_ONEDNN=0 to use XLA's.")
     os.replace(built, target)
   return target
@@ -143,6 +147,15 @@ def version() -> str:
   """The oneDNN version the convolutions run on, e.g. "3.2.0"."""
   v = _library().bnet_onednn_version()
   return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+
+
+def _check_usable(instead: str) -> None:
+  """Raises `OnednnUnavailableError` unless the oneDNN calls can run on this platform."""
+  reason = (unavailable_reason() if jax.default_backend() == "cpu"
+            else f"it runs on the CPU only, and JAX computes on {jax.default_backend()}.")
+  if reason:
+    raise OnednnUnavailableError(f"layer implementation 'onednn' cannot run here: {reason} "
+                                 f"Use {instead}.")
 
 
 def _attributes(strides: tuple[int, int], padding: tuple[int, int, int, int]) -> dict:
@@ -209,10 +222,61 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
   if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
     return lax.conv_general_dilated(x, kernel, strides, padding,
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  reason = (unavailable_reason() if jax.default_backend() == "cpu"
-            else f"it runs on the CPU only, and JAX computes on {jax.default_backend()}.")
-  if reason:
-    raise OnednnUnavailableError(f"layer implementation 'onednn' cannot run here: {reason} "
-                                 "Use 'auto' or 'xla'.")
+  _check_usable("'auto' or 'xla'")
   (pt, pb), (pl, pr) = padding
   return _conv(x, kernel, tuple(int(s) for s in strides), (int(pt), int(pb), int(pl), int(pr)))
+
+
+def _norm_forward(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+  return jax.ffi.ffi_call("bnet_onednn_norm_forward",
+                          (jax.ShapeDtypeStruct(x.shape, jnp.float32), channels, channels))(
+                              x, scale, shift, epsilon=np.float32(epsilon))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  return _norm_forward(x, scale, shift, epsilon)
+
+
+def _batch_norm_fwd(x, scale, shift, epsilon):
+  y, mean, variance = _norm_forward(x, scale, shift, epsilon)
+  return (y, mean, variance), (x, scale, mean, variance)
+
+
+def _batch_norm_bwd(epsilon, residuals, cotangents):
+  # The statistics' cotangents are dropped: they feed only the running averages.
+  x, scale, mean, variance = residuals
+  channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+  return jax.ffi.ffi_call("bnet_onednn_norm_backward",
+                          (jax.ShapeDtypeStruct(x.shape, jnp.float32), channels, channels))(
+                              x, cotangents[0], mean, variance, scale,
+                              epsilon=np.float32(epsilon))
+
+
+_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Batch normalization with batch statistics as oneDNN calls, forward and gradients.
+
+  y = (x - mean) / sqrt(variance + epsilon) * scale + shift, the statistics over (B, H,
+  W) per channel; the gradients reach x, scale and shift (not through the statistics
+  returned, which only feed running averages).
+
+  Args:
+    x: (B, H, W, C) float32.
+    scale, shift: (C,) float32.
+    epsilon: added to the variance.
+
+  Returns:
+    y (B, H, W, C), mean (C,) and biased variance (C,).
+
+  Raises:
+    OnednnUnavailableError: no oneDNN here (`unavailable_reason`), or not the CPU.
+  """
+  _check_usable("norm_impl='flax'")
+  return _batch_norm(x, scale, shift, float(epsilon))

@@ -35,6 +35,11 @@ _IMPL_FIELDS: dict[str, tuple[str, ...]] = {
     "b_resnet": ("conv_impl", "strided_conv_impl"),
     "resnet": ("conv_impl", "strided_conv_impl"),
 }
+# BatchNorm implementation options (`layers.NORM_IMPLS` names; no kernel gradient).
+_NORM_FIELDS: dict[str, tuple[str, ...]] = {
+    "b_resnet": ("norm_impl",),
+    "resnet": ("norm_impl",),
+}
 # Implementation options that "auto" leaves alone: unless given, they follow another
 # (exit 1's convolution follows conv_impl and conv_kernel_grad).
 _FOLLOWING_FIELDS: dict[str, tuple[str, ...]] = {
@@ -82,11 +87,11 @@ _MEASURED["cpu"]["lenet"] = {  # B-LeNet's choices without exit 1's.
 
 # Training on one CPU device where oneDNN's convolutions build (`onednn.available`):
 # they replace XLA:CPU's, whose convolutions and kernel-gradient transposes take most
-# of these networks' train steps. Several devices keep XLA's: the FFI call has no
+# of these networks' train steps, and oneDNN's batch normalization XLA's slow sums. Several devices keep XLA's: the FFI call has no
 # partitioning rule, so XLA would gather the batch onto every device around it.
 _ONEDNN_TRAIN: dict[str, dict[str, str]] = {
-    "b_resnet": {"conv_impl": "onednn", "strided_conv_impl": "onednn"},
-    "resnet": {"conv_impl": "onednn", "strided_conv_impl": "onednn"},
+    "b_resnet": {"conv_impl": "onednn", "strided_conv_impl": "onednn", "norm_impl": "onednn"},
+    "resnet": {"conv_impl": "onednn", "strided_conv_impl": "onednn", "norm_impl": "onednn"},
     "b_alexnet": {"conv_impl": "onednn"},
     "alexnet": {"conv_impl": "onednn"},
 }
@@ -167,6 +172,7 @@ def _choices(name: str, platform_name: str, batch_size: int | None) -> dict[str,
   chosen = {}
   for field in _IMPL_FIELDS.get(name, ()):
     chosen.update({field: "xla", _kernel_grad_field(field): "autodiff"})
+  chosen.update({field: "flax" for field in _NORM_FIELDS.get(name, ())})
   if batch_size is None and _onednn_trains(name, platform_name):
     return {**chosen, **_ONEDNN_TRAIN[name]}
   if measured is None:
@@ -209,6 +215,10 @@ def resolve_options(name: str, options: dict | None = None, *, platform_name: st
         options[grad_field] = chosen[grad_field]
     elif options.get(grad_field, AUTO) == AUTO:
       options[grad_field] = "autodiff"
+  for field in _NORM_FIELDS.get(name, ()):
+    if options.get(field, AUTO) == AUTO:
+      chosen = chosen or _choices(name, platform_name or platform(), batch_size)
+      options[field] = chosen[field]
   return options
 
 

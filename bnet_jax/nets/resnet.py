@@ -61,10 +61,10 @@ MIN_SIDE = 23
 _he_normal = nn.initializers.he_normal()
 
 
-def _batch_norm(train: bool, name: str, dtype: Any) -> nn.BatchNorm:
-  # Flax reduces the statistics in float32 and keeps the running ones float32.
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                      name=name)
+def _batch_norm(train: bool, name: str, module: nn.Module) -> nn.Module:
+  """BatchNorm (momentum 0.9, epsilon 1e-5) in `module`'s dtype and `norm_impl`."""
+  return layers.batch_norm(module.norm_impl, train, name, module.dtype, momentum=0.9,
+                           epsilon=1e-5)
 
 
 def _conv3x3(features: int, stride: int, name: str, module: nn.Module) -> nn.Module:
@@ -93,13 +93,14 @@ class ResBlock(nn.Module):
   strided_conv_impl: str = "xla"
   strided_conv_kernel_grad: str = "autodiff"
   dtype: Any = jnp.float32
+  norm_impl: str = "flax"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     h = _conv3x3(self.features, self.stride, "conv1", self)(x)
-    h = nn.relu(_batch_norm(train, "bn1", self.dtype)(h))
+    h = nn.relu(_batch_norm(train, "bn1", self)(h))
     h = _conv3x3(self.features, 1, "conv2", self)(h)
-    h = _batch_norm(train, "bn2", self.dtype)(h)
+    h = _batch_norm(train, "bn2", self)(h)
     if x.shape != h.shape:  # Option A: subsample, prepend zero channels; no parameters.
       x = x[:, ::self.stride, ::self.stride]
       x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (self.features - x.shape[-1], 0)))
@@ -121,6 +122,7 @@ class Trunk(nn.Module):
       (`layers.STRIDED_CONV_IMPLS`).
     strided_conv_kernel_grad: how their kernel gradients are computed.
     dtype: computation dtype.
+    norm_impl: implementation of the BatchNorms in training (`layers.NORM_IMPLS`).
   """
   stem: bool
   blocks: tuple[tuple[int, int], ...]
@@ -130,17 +132,18 @@ class Trunk(nn.Module):
   strided_conv_impl: str = "xla"
   strided_conv_kernel_grad: str = "autodiff"
   dtype: Any = jnp.float32
+  norm_impl: str = "flax"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if self.stem:
       x = layers.Conv(16, 3, padding=0, impl=self.conv_impl, kernel_grad=self.conv_kernel_grad,
                       kernel_init=_he_normal, dtype=self.dtype, name="stem_conv")(x)
-      x = nn.relu(_batch_norm(train, "stem_bn", self.dtype)(x))
+      x = nn.relu(_batch_norm(train, "stem_bn", self)(x))
     for i, (features, stride) in enumerate(self.blocks):
       x = ResBlock(features, stride, self.conv_impl, self.conv_kernel_grad,
                    self.strided_conv_impl, self.strided_conv_kernel_grad, self.dtype,
-                   name=f"block{i}")(x, train)
+                   self.norm_impl, name=f"block{i}")(x, train)
     if self.pool:
       # Sums of 36 activations: float32 even in a bfloat16 network.
       x = _flatten(nn.avg_pool(x.astype(jnp.float32), (6, 6), strides=(1, 1))).astype(x.dtype)
@@ -171,11 +174,12 @@ class Exit2(nn.Module):
   conv_impl: str = "xla"
   conv_kernel_grad: str = "autodiff"
   dtype: Any = jnp.float32
+  norm_impl: str = "flax"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = ResBlock(16, 1, self.conv_impl, self.conv_kernel_grad, dtype=self.dtype,
-                 name="block")(x, train)
+                 norm_impl=self.norm_impl, name="block")(x, train)
     return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(_flatten(x))
 
 
@@ -187,11 +191,12 @@ class TrunkExit(nn.Module):
   strided_conv_impl: str = "xla"
   strided_conv_kernel_grad: str = "autodiff"
   dtype: Any = jnp.float32
+  norm_impl: str = "flax"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = _conv3x3(2 * x.shape[-1], 2, "conv", self)(x)
-    x = nn.relu(_batch_norm(train, "bn", self.dtype)(x))
+    x = nn.relu(_batch_norm(train, "bn", self)(x))
     # A mean over H * W / 4 activations: float32 even in a bfloat16 network.
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
     return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
@@ -224,7 +229,7 @@ def b_resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla",
              dtype: Any = "float32", *, conv_kernel_grad: str = "autodiff",
              strided_conv_impl: str = "xla", strided_conv_kernel_grad: str = "autodiff",
              input_shape: tuple[int, int, int] = (32, 32, 3), num_classes: int = 10,
-             exit_heads: str = "authors") -> Network:
+             exit_heads: str = "authors", norm_impl: str = "flax") -> Network:
   """B-ResNet for H x W x C images (CIFAR-10 by default).
 
   Args:
@@ -244,6 +249,8 @@ def b_resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla",
     num_classes: classes of every exit.
     exit_heads: "authors" (sized for ResNet-110) or "trunk" (one strided conv, global
       average pool, FC: see the module docstring).
+    norm_impl: implementation of the BatchNorms in training (a `layers.NORM_IMPLS`
+      name).
 
   Returns:
     A 3-exit `Network` named "b_resnet{depth}" ("b_resnet{depth}_paper";
@@ -257,6 +264,9 @@ def b_resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla",
                      f"between the exits); got {depth}.")
   if exit_heads not in EXIT_HEADS:
     raise ValueError(f"Unknown exit_heads {exit_heads!r}; expected one of {EXIT_HEADS}.")
+  if norm_impl not in layers.NORM_IMPLS:
+    raise ValueError(f"Unknown norm_impl {norm_impl!r}; expected one of "
+                     f"{tuple(layers.NORM_IMPLS)}.")
   input_shape = tuple(input_shape)
   if min(input_shape[:2]) < MIN_SIDE:
     raise ValueError(f"ResNet needs images of at least {MIN_SIDE}x{MIN_SIDE} (its 6x6 average "
@@ -267,11 +277,12 @@ def b_resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla",
   convs = dict(conv_impl=conv_impl, conv_kernel_grad=conv_kernel_grad, dtype=jnp.dtype(dtype))
   strided = dict(strided_conv_impl=strided_conv_impl,
                  strided_conv_kernel_grad=strided_conv_kernel_grad)
-  trunk = functools.partial(Trunk, **convs, **strided)
+  trunk = functools.partial(Trunk, **convs, **strided, norm_impl=norm_impl)
   if exit_heads == "authors":
-    heads = (Exit1(num_classes, **convs), Exit2(num_classes, **convs))
+    heads = (Exit1(num_classes, **convs), Exit2(num_classes, **convs, norm_impl=norm_impl))
   else:
-    heads = tuple(TrunkExit(num_classes, **strided, dtype=convs["dtype"]) for _ in range(2))
+    heads = tuple(TrunkExit(num_classes, **strided, dtype=convs["dtype"], norm_impl=norm_impl)
+                  for _ in range(2))
   stages = (Stage(trunk(True, stage(16)[:first], False), heads[0]),
             Stage(trunk(False, stage(16)[first:], False), heads[1]),
             Stage(trunk(False, stage(32) + stage(64), True), MainExit(num_classes, convs["dtype"])))
@@ -282,10 +293,11 @@ def b_resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla",
 def resnet(depth: int = 110, placement: str = "code", conv_impl: str = "xla",
            dtype: Any = "float32", *, conv_kernel_grad: str = "autodiff",
            strided_conv_impl: str = "xla", strided_conv_kernel_grad: str = "autodiff",
-           input_shape: tuple[int, int, int] = (32, 32, 3), num_classes: int = 10) -> Network:
+           input_shape: tuple[int, int, int] = (32, 32, 3), num_classes: int = 10,
+           norm_impl: str = "flax") -> Network:
   """ResNet: B-ResNet's trunk and main exit, parameters named as in B-ResNet."""
   return b_resnet(depth, placement, conv_impl, dtype, conv_kernel_grad=conv_kernel_grad,
                   strided_conv_impl=strided_conv_impl,
                   strided_conv_kernel_grad=strided_conv_kernel_grad,
-                  input_shape=input_shape, num_classes=num_classes
+                  input_shape=input_shape, num_classes=num_classes, norm_impl=norm_impl
                   ).main_network(name=_name("resnet", depth, placement))

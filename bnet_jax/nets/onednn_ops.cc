@@ -1,12 +1,15 @@
-// oneDNN's 2-D convolutions (float32, NHWC activations, HWIO kernels) as XLA FFI handlers
-// for JAX's CPU backend: forward, input gradient and kernel gradient.
+// oneDNN's primitives for training on JAX's CPU backend, as XLA FFI handlers: 2-D
+// convolutions (float32, NHWC activations, HWIO kernels; forward, input gradient and
+// kernel gradient) and batch normalization with batch statistics (forward, backward).
 //
 // XLA:CPU's own convolutions (and the transposes that feed its kernel gradient) take
-// most of a ResNet train step on a CPU; oneDNN's are several times faster. Built by
-// bnet_jax/nets/onednn.py, which also registers the handlers with JAX.
+// most of a ResNet train step on a CPU, and its BatchNorm sums much of the rest;
+// oneDNN's are several times faster. Built by bnet_jax/nets/onednn.py, which also
+// registers the handlers with JAX.
 #include <array>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -221,6 +224,98 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
               dy.typed_data(), dk->typed_data(), sh, sw, pt, pb, pl, pr);
 }
 
+// ---- batch normalization with batch statistics, x (N, H, W, C) ----------------------
+
+struct NormPlan {
+  dnnl::batch_normalization_forward forward;
+  dnnl::batch_normalization_backward backward;
+  memory::desc data, channels, forward_scratch, backward_scratch;
+};
+
+std::mutex norm_plans_mutex;
+std::map<std::array<int64_t, 5>, std::shared_ptr<NormPlan>> norm_plans;
+
+std::shared_ptr<NormPlan> GetNormPlan(ffi::Span<const int64_t> x, float epsilon) {
+  int32_t eps_bits;
+  std::memcpy(&eps_bits, &epsilon, sizeof eps_bits);
+  const std::array<int64_t, 5> key = {x[0], x[1], x[2], x[3], eps_bits};
+  {
+    std::lock_guard<std::mutex> lock(norm_plans_mutex);
+    auto it = norm_plans.find(key);
+    if (it != norm_plans.end()) return it->second;
+  }
+  auto plan = std::make_shared<NormPlan>();
+  plan->data = memory::desc({x[0], x[3], x[1], x[2]}, dt::f32, tag::nhwc);
+  plan->channels = memory::desc({x[3]}, dt::f32, tag::a);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  const auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
+  const dnnl::batch_normalization_forward::primitive_desc forward(
+      Engine(), dnnl::prop_kind::forward_training, plan->data, plan->data, epsilon, flags, attr);
+  const dnnl::batch_normalization_backward::primitive_desc backward(
+      Engine(), dnnl::prop_kind::backward, plan->data, plan->data, plan->data, epsilon, flags,
+      forward, attr);
+  plan->forward = dnnl::batch_normalization_forward(forward);
+  plan->backward = dnnl::batch_normalization_backward(backward);
+  plan->forward_scratch = forward.scratchpad_desc();
+  plan->backward_scratch = backward.scratchpad_desc();
+  std::lock_guard<std::mutex> lock(norm_plans_mutex);
+  return norm_plans.emplace(key, plan).first->second;
+}
+
+// Runs `primitive` with `args` (pointers by oneDNN argument) and a scratchpad.
+ffi::Error RunNorm(const NormPlan& plan, const dnnl::primitive& primitive,
+                   const memory::desc& scratch,
+                   const std::unordered_map<int, const float*>& args) {
+  try {
+    thread_local Arena arena;
+    std::unordered_map<int, memory> memories = {
+        {DNNL_ARG_SCRATCHPAD, memory(scratch, Engine(), arena.Get(Arena::Round(scratch.get_size())))}};
+    for (const auto& [arg, data] : args) {
+      const bool per_channel = arg != DNNL_ARG_SRC && arg != DNNL_ARG_DST &&
+                               arg != DNNL_ARG_DIFF_SRC && arg != DNNL_ARG_DIFF_DST;
+      memories.insert({arg, memory(per_channel ? plan.channels : plan.data, Engine(),
+                                   const_cast<float*>(data))});
+    }
+    primitive.execute(Stream(), memories);
+    Stream().wait();
+    return ffi::Error::Success();
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("onednn batch_norm: ") + e.what());
+  }
+}
+
+bool Rank4(ffi::Span<const int64_t> x) { return x.size() == 4; }
+
+ffi::Error NormForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                       ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> y,
+                       ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> variance,
+                       float epsilon) {
+  if (!Rank4(x.dimensions()))
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "onednn batch_norm: x must be NHWC");
+  const auto plan = GetNormPlan(x.dimensions(), epsilon);
+  return RunNorm(*plan, plan->forward, plan->forward_scratch,
+                 {{DNNL_ARG_SRC, x.typed_data()}, {DNNL_ARG_SCALE, scale.typed_data()},
+                  {DNNL_ARG_SHIFT, shift.typed_data()}, {DNNL_ARG_DST, y->typed_data()},
+                  {DNNL_ARG_MEAN, mean->typed_data()}, {DNNL_ARG_VARIANCE, variance->typed_data()}});
+}
+
+ffi::Error NormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                        ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> variance,
+                        ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> dx,
+                        ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dshift,
+                        float epsilon) {
+  if (!Rank4(x.dimensions()))
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "onednn batch_norm: x must be NHWC");
+  const auto plan = GetNormPlan(x.dimensions(), epsilon);
+  return RunNorm(*plan, plan->backward, plan->backward_scratch,
+                 {{DNNL_ARG_SRC, x.typed_data()}, {DNNL_ARG_DIFF_DST, dy.typed_data()},
+                  {DNNL_ARG_MEAN, mean.typed_data()}, {DNNL_ARG_VARIANCE, variance.typed_data()},
+                  {DNNL_ARG_SCALE, scale.typed_data()}, {DNNL_ARG_DIFF_SRC, dx->typed_data()},
+                  {DNNL_ARG_DIFF_SCALE, dscale->typed_data()},
+                  {DNNL_ARG_DIFF_SHIFT, dshift->typed_data()}});
+}
+
 }  // namespace
 
 #define BNET_CONV_BINDING                                                              \
@@ -238,6 +333,27 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnConvForward, Forward, BNET_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnConvInputGrad, InputGrad, BNET_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnConvKernelGrad, KernelGrad, BNET_CONV_BINDING);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnNormForward, NormForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // mean
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // variance (biased)
+                                  .Attr<float>("epsilon"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnNormBackward, NormBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // variance
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dscale
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dshift
+                                  .Attr<float>("epsilon"));
 
 // oneDNN's version as major * 10000 + minor * 100 + patch.
 extern "C" int bnet_onednn_version() {
