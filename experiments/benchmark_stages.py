@@ -10,8 +10,10 @@ of one jitted call at each batch size (parameters closed over, warmed up, segmen
 the plain main path timed in rotation). At the given exit fractions it reports the
 FLOPs-ideal speedup (main-path FLOPs / expected segment FLOPs) next to the speedup the
 measured segment times give (main-path time / expected segment time): the best a
-cascade can do on this machine, with no batching or host overhead. Last, the joint
-training throughput in images/s. Weights are freshly initialised: cost does not
+cascade can do on this machine, with no batching or host overhead. Segments are timed
+with the layers the cascade uses at each batch (`nets.inference_options`), training
+with those "auto" trains with; `--options` override both. Last, the joint training
+throughput in images/s. Weights are freshly initialised: cost does not
 depend on them.
 """
 
@@ -109,8 +111,10 @@ def main(argv: list[str]) -> None:
         f"{' '.join(f'{f / 1e6:.2f}' for f in head_flops)}); "
         f"main path {main_flops / 1e6:.2f}; FLOPs-ideal speedup "
         f"{result['ideal_speedup_flops']:.2f}x")
-  for batch_size in batch_sizes:
-    seconds, main_s = segment_seconds(net, variables, batch_size, _REPEATS.value)
+  for batch_size in batch_sizes:  # The layers the cascade runs at this batch; same parameters.
+    at_batch = nets.get(_MODEL.value, **{**nets.inference_options(_MODEL.value, batch_size),
+                                         **options})
+    seconds, main_s = segment_seconds(at_batch, variables, batch_size, _REPEATS.value)
     row = {"batch_size": batch_size,
            "segment_ms_per_sample": [1e3 * s / batch_size for s in seconds],
            "main_path_ms_per_sample": 1e3 * main_s / batch_size,
