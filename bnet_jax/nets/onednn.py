@@ -11,7 +11,7 @@ compiler against oneDNN 3 (the extra ``pip install bnet-jax[onednn]`` brings its
 and library on x86-64 Linux) and cached, keyed by everything the build read, under
 ``$BNET_JAX_CACHE`` (default ``~/.cache/bnet_jax``). Where any of that is missing,
 `unavailable_reason` says what, and layer implementation "auto" keeps XLA's
-convolutions. ``BNET_ONEDNN=0`` turns it off; ``BNET_ONEDNN_ROOT`` names a oneDNN
+convolutions and Flax's BatchNorm. ``BNET_ONEDNN=0`` turns it off; ``BNET_ONEDNN_ROOT`` names a oneDNN
 installation (a prefix with ``include/`` and ``lib/``) other than this Python's.
 """
 
@@ -43,7 +43,7 @@ _TARGETS = {"bnet_onednn_conv_forward": "BnetOnednnConvForward",
 
 
 class OnednnUnavailableError(ValueError):
-  """oneDNN's convolutions cannot be used here; the message says why and what to do."""
+  """oneDNN's operations cannot be used here; the message says why and what to do."""
 
 
 def _prefixes() -> list[Path]:
@@ -72,7 +72,7 @@ def _compiler() -> str:
     if name and shutil.which(name):
       return shutil.which(name)
   raise OnednnUnavailableError("no C++ compiler (g++ or $CXX) to build the oneDNN "
-                               "convolutions: install g++.")
+                               "operations: install g++.")
 
 
 def _cache_dir() -> Path:
@@ -128,18 +128,18 @@ def _library() -> ctypes.CDLL:
 
 @functools.cache
 def unavailable_reason() -> str | None:
-  """Why oneDNN's convolutions cannot be used here (None: they can; builds them if needed)."""
+  """Why oneDNN's operations cannot be used here (None: they can; builds them if needed)."""
   try:
     _library()
   except OnednnUnavailableError as e:
     return str(e)
-  except OSError as e:  # A library that does not load (a wrong architecture, say).
-    return f"the oneDNN convolutions do not load: {e}"
+  except OSError as e:  # An unwritable cache, a library that does not load, ...
+    return f"the oneDNN operations cannot be built or loaded: {e}"
   return None
 
 
 def available() -> bool:
-  """Whether `conv` runs oneDNN's convolutions here (builds them on first use)."""
+  """Whether `conv` and `batch_norm` run oneDNN's calls here (builds them on first use)."""
   return unavailable_reason() is None
 
 
