@@ -11,8 +11,9 @@ compiler against oneDNN 3 (the extra ``pip install bnet-jax[onednn]`` brings its
 and library on x86-64 Linux) and cached, keyed by everything the build read, under
 ``$BNET_JAX_CACHE`` (default ``~/.cache/bnet_jax``). Where any of that is missing,
 `unavailable_reason` says what, and layer implementation "auto" keeps XLA's
-convolutions and Flax's BatchNorm. ``BNET_ONEDNN=0`` turns it off; ``BNET_ONEDNN_ROOT`` names a oneDNN
-installation (a prefix with ``include/`` and ``lib/``) other than this Python's.
+convolutions and Flax's BatchNorm. ``BNET_ONEDNN=0`` turns it off; ``BNET_ONEDNN_ROOT``
+names a oneDNN installation (a prefix with ``include/`` and ``lib/``) other than this
+Python's.
 """
 
 import ctypes
@@ -227,12 +228,16 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
   return _conv(x, kernel, tuple(int(s) for s in strides), (int(pt), int(pb), int(pl), int(pr)))
 
 
+def _norm_results(x: jax.Array, scale: jax.Array) -> tuple[jax.ShapeDtypeStruct, ...]:
+  """What both BatchNorm calls return: one x-shaped array and two per-channel ones."""
+  channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+  return jax.ShapeDtypeStruct(x.shape, jnp.float32), channels, channels
+
+
 def _norm_forward(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
-  return jax.ffi.ffi_call("bnet_onednn_norm_forward",
-                          (jax.ShapeDtypeStruct(x.shape, jnp.float32), channels, channels))(
-                              x, scale, shift, epsilon=np.float32(epsilon))
+  return jax.ffi.ffi_call("bnet_onednn_norm_forward", _norm_results(x, scale))(
+      x, scale, shift, epsilon=np.float32(epsilon))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -249,11 +254,8 @@ def _batch_norm_fwd(x, scale, shift, epsilon):
 def _batch_norm_bwd(epsilon, residuals, cotangents):
   # The statistics' cotangents are dropped: they feed only the running averages.
   x, scale, mean, variance = residuals
-  channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
-  return jax.ffi.ffi_call("bnet_onednn_norm_backward",
-                          (jax.ShapeDtypeStruct(x.shape, jnp.float32), channels, channels))(
-                              x, cotangents[0], mean, variance, scale,
-                              epsilon=np.float32(epsilon))
+  return jax.ffi.ffi_call("bnet_onednn_norm_backward", _norm_results(x, scale))(
+      x, cotangents[0], mean, variance, scale, epsilon=np.float32(epsilon))
 
 
 _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)

@@ -65,6 +65,46 @@ class Arena {
   size_t capacity_ = 0;
 };
 
+// The calling thread's arena, shared by every pass that thread runs.
+Arena& ThreadArena() {
+  thread_local Arena arena;
+  return arena;
+}
+
+// Plans made once per key and shared by every calling thread.
+template <typename Key, typename Plan>
+class PlanCache {
+ public:
+  template <typename Make>
+  std::shared_ptr<Plan> Get(const Key& key, Make make) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = plans_.find(key);
+      if (it != plans_.end()) return it->second;
+    }
+    std::shared_ptr<Plan> plan = make();
+    std::lock_guard<std::mutex> lock(mutex_);
+    return plans_.emplace(key, plan).first->second;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<Key, std::shared_ptr<Plan>> plans_;
+};
+
+// Runs `f`, reporting any exception (oneDNN's included) to XLA as an error of `what`.
+template <typename F>
+ffi::Error Guard(const char* what, F f) {
+  try {
+    f();
+    return ffi::Error::Success();
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string(what) + ": " + e.what());
+  }
+}
+
+bool Rank4(ffi::Span<const int64_t> x) { return x.size() == 4; }
+
 // A compiled primitive with the layouts it wants and the reorders from and to the
 // plain NHWC / HWIO buffers XLA hands over (absent where the layouts agree).
 struct Plan {
@@ -75,9 +115,7 @@ struct Plan {
   std::unique_ptr<dnnl::reorder> to_a, to_b, from_out;
 };
 
-using Key = std::array<int64_t, 16>;
-std::mutex plans_mutex;
-std::map<Key, std::shared_ptr<Plan>> plans;
+PlanCache<std::array<int64_t, 16>, Plan> plans;
 
 std::unique_ptr<dnnl::reorder> Reorder(const memory::desc& from, const memory::desc& to) {
   if (from == to) return nullptr;
@@ -85,17 +123,10 @@ std::unique_ptr<dnnl::reorder> Reorder(const memory::desc& from, const memory::d
       dnnl::reorder::primitive_desc(Engine(), from, Engine(), to));
 }
 
-// The plan for one geometry and pass, made once. The gradients let oneDNN choose its
+// The plan for one geometry and pass. The gradients let oneDNN choose its
 // own (blocked) layouts, reordering to and from the plain ones: with plain layouts
 // they are 2-3x slower. The forward pass is fastest on the plain layouts.
-std::shared_ptr<Plan> GetPlan(const Geometry& g, Kind kind) {
-  const Key key = {g.n,  g.h,  g.w,  g.c,  g.kh, g.kw, g.o,  g.oh,
-                   g.ow, g.sh, g.sw, g.pt, g.pb, g.pl, g.pr, kind};
-  {
-    std::lock_guard<std::mutex> lock(plans_mutex);
-    auto it = plans.find(key);
-    if (it != plans.end()) return it->second;
-  }
+std::shared_ptr<Plan> MakePlan(const Geometry& g, Kind kind) {
   const memory::dims src = {g.n, g.c, g.h, g.w}, wei = {g.o, g.c, g.kh, g.kw},
                      dst = {g.n, g.o, g.oh, g.ow};
   const memory::dims strides = {g.sh, g.sw}, pad_l = {g.pt, g.pl}, pad_r = {g.pb, g.pr};
@@ -140,13 +171,14 @@ std::shared_ptr<Plan> GetPlan(const Geometry& g, Kind kind) {
   plan->to_a = Reorder(plan->a_plain, plan->a);
   plan->to_b = Reorder(plan->b_plain, plan->b);
   plan->from_out = Reorder(plan->out, plan->out_plain);
-  std::lock_guard<std::mutex> lock(plans_mutex);
-  return plans.emplace(key, plan).first->second;
+  return plan;
 }
 
 // Runs one pass: a and b are its two plain inputs, out its plain output.
 void Run(const Geometry& g, Kind kind, const float* a, const float* b, float* out) {
-  const auto plan = GetPlan(g, kind);
+  const auto plan = plans.Get({g.n, g.h, g.w, g.c, g.kh, g.kw, g.o, g.oh, g.ow, g.sh, g.sw,
+                               g.pt, g.pb, g.pl, g.pr, kind},
+                              [&] { return MakePlan(g, kind); });
   auto& engine = Engine();
   auto& stream = Stream();
   memory a_plain(plan->a_plain, engine, const_cast<float*>(a));
@@ -155,8 +187,7 @@ void Run(const Geometry& g, Kind kind, const float* a, const float* b, float* ou
   const size_t na = plan->to_a ? Arena::Round(plan->a.get_size()) : 0;
   const size_t nb = plan->to_b ? Arena::Round(plan->b.get_size()) : 0;
   const size_t no = plan->from_out ? Arena::Round(plan->out.get_size()) : 0;
-  thread_local Arena arena;
-  char* base = arena.Get(na + nb + no + Arena::Round(plan->scratch.get_size()));
+  char* base = ThreadArena().Get(na + nb + no + Arena::Round(plan->scratch.get_size()));
   memory a_mem = a_plain, b_mem = b_plain, out_mem = out_plain;
   if (plan->to_a) {
     a_mem = memory(plan->a, engine, base);
@@ -188,19 +219,13 @@ void Run(const Geometry& g, Kind kind, const float* a, const float* b, float* ou
 ffi::Error Call(Kind kind, ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
                 ffi::Span<const int64_t> y, const float* a, const float* b, float* out,
                 int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  if (x.size() != 4 || k.size() != 4 || y.size() != 4 || x[3] != k[2] || y[3] != k[3] ||
-      x[0] != y[0]) {
+  if (!Rank4(x) || !Rank4(k) || !Rank4(y) || x[3] != k[2] || y[3] != k[3] || x[0] != y[0]) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "onednn_conv: expected NHWC input, HWIO kernel and NHWC output");
   }
   const Geometry g{x[0], x[1], x[2], x[3], k[0], k[1], k[3], y[1], y[2],
                    sh,   sw,   pt,   pb,   pl,   pr};
-  try {
-    Run(g, kind, a, b, out);
-    return ffi::Error::Success();
-  } catch (const std::exception& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string("onednn_conv: ") + e.what());
-  }
+  return Guard("onednn_conv", [&] { Run(g, kind, a, b, out); });
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
@@ -232,18 +257,9 @@ struct NormPlan {
   memory::desc data, channels, forward_scratch, backward_scratch;
 };
 
-std::mutex norm_plans_mutex;
-std::map<std::array<int64_t, 5>, std::shared_ptr<NormPlan>> norm_plans;
+PlanCache<std::array<int64_t, 5>, NormPlan> norm_plans;
 
-std::shared_ptr<NormPlan> GetNormPlan(ffi::Span<const int64_t> x, float epsilon) {
-  int32_t eps_bits;
-  std::memcpy(&eps_bits, &epsilon, sizeof eps_bits);
-  const std::array<int64_t, 5> key = {x[0], x[1], x[2], x[3], eps_bits};
-  {
-    std::lock_guard<std::mutex> lock(norm_plans_mutex);
-    auto it = norm_plans.find(key);
-    if (it != norm_plans.end()) return it->second;
-  }
+std::shared_ptr<NormPlan> MakeNormPlan(ffi::Span<const int64_t> x, float epsilon) {
   auto plan = std::make_shared<NormPlan>();
   plan->data = memory::desc({x[0], x[3], x[1], x[2]}, dt::f32, tag::nhwc);
   plan->channels = memory::desc({x[3]}, dt::f32, tag::a);
@@ -259,45 +275,52 @@ std::shared_ptr<NormPlan> GetNormPlan(ffi::Span<const int64_t> x, float epsilon)
   plan->backward = dnnl::batch_normalization_backward(backward);
   plan->forward_scratch = forward.scratchpad_desc();
   plan->backward_scratch = backward.scratchpad_desc();
-  std::lock_guard<std::mutex> lock(norm_plans_mutex);
-  return norm_plans.emplace(key, plan).first->second;
+  return plan;
 }
 
-// Runs `primitive` with `args` (pointers by oneDNN argument) and a scratchpad.
-ffi::Error RunNorm(const NormPlan& plan, const dnnl::primitive& primitive,
-                   const memory::desc& scratch,
+std::shared_ptr<NormPlan> GetNormPlan(ffi::Span<const int64_t> x, float epsilon) {
+  int32_t eps_bits;
+  std::memcpy(&eps_bits, &epsilon, sizeof eps_bits);
+  return norm_plans.Get({x[0], x[1], x[2], x[3], eps_bits},
+                        [&] { return MakeNormPlan(x, epsilon); });
+}
+
+// Runs the forward or backward pass for x's shape and `epsilon` on `args` (pointers
+// by oneDNN argument) with a scratchpad.
+ffi::Error RunNorm(ffi::Span<const int64_t> x, float epsilon, bool backward,
                    const std::unordered_map<int, const float*>& args) {
-  try {
-    thread_local Arena arena;
+  if (!Rank4(x))
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "onednn batch_norm: x must be NHWC");
+  return Guard("onednn batch_norm", [&] {
+    const auto plan = GetNormPlan(x, epsilon);
+    const memory::desc& scratch = backward ? plan->backward_scratch : plan->forward_scratch;
     std::unordered_map<int, memory> memories = {
-        {DNNL_ARG_SCRATCHPAD, memory(scratch, Engine(), arena.Get(Arena::Round(scratch.get_size())))}};
+        {DNNL_ARG_SCRATCHPAD,
+         memory(scratch, Engine(), ThreadArena().Get(Arena::Round(scratch.get_size())))}};
     for (const auto& [arg, data] : args) {
       const bool per_channel = arg != DNNL_ARG_SRC && arg != DNNL_ARG_DST &&
                                arg != DNNL_ARG_DIFF_SRC && arg != DNNL_ARG_DIFF_DST;
-      memories.insert({arg, memory(per_channel ? plan.channels : plan.data, Engine(),
+      memories.insert({arg, memory(per_channel ? plan->channels : plan->data, Engine(),
                                    const_cast<float*>(data))});
     }
-    primitive.execute(Stream(), memories);
+    if (backward) {
+      plan->backward.execute(Stream(), memories);
+    } else {
+      plan->forward.execute(Stream(), memories);
+    }
     Stream().wait();
-    return ffi::Error::Success();
-  } catch (const std::exception& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string("onednn batch_norm: ") + e.what());
-  }
+  });
 }
-
-bool Rank4(ffi::Span<const int64_t> x) { return x.size() == 4; }
 
 ffi::Error NormForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                        ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> y,
                        ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> variance,
                        float epsilon) {
-  if (!Rank4(x.dimensions()))
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "onednn batch_norm: x must be NHWC");
-  const auto plan = GetNormPlan(x.dimensions(), epsilon);
-  return RunNorm(*plan, plan->forward, plan->forward_scratch,
+  return RunNorm(x.dimensions(), epsilon, /*backward=*/false,
                  {{DNNL_ARG_SRC, x.typed_data()}, {DNNL_ARG_SCALE, scale.typed_data()},
                   {DNNL_ARG_SHIFT, shift.typed_data()}, {DNNL_ARG_DST, y->typed_data()},
-                  {DNNL_ARG_MEAN, mean->typed_data()}, {DNNL_ARG_VARIANCE, variance->typed_data()}});
+                  {DNNL_ARG_MEAN, mean->typed_data()},
+                  {DNNL_ARG_VARIANCE, variance->typed_data()}});
 }
 
 ffi::Error NormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
@@ -305,10 +328,7 @@ ffi::Error NormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                         ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> dx,
                         ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dshift,
                         float epsilon) {
-  if (!Rank4(x.dimensions()))
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "onednn batch_norm: x must be NHWC");
-  const auto plan = GetNormPlan(x.dimensions(), epsilon);
-  return RunNorm(*plan, plan->backward, plan->backward_scratch,
+  return RunNorm(x.dimensions(), epsilon, /*backward=*/true,
                  {{DNNL_ARG_SRC, x.typed_data()}, {DNNL_ARG_DIFF_DST, dy.typed_data()},
                   {DNNL_ARG_MEAN, mean.typed_data()}, {DNNL_ARG_VARIANCE, variance.typed_data()},
                   {DNNL_ARG_SCALE, scale.typed_data()}, {DNNL_ARG_DIFF_SRC, dx->typed_data()},

@@ -85,9 +85,10 @@ _MEASURED["cpu"]["lenet"] = {  # B-LeNet's choices without exit 1's.
                        for b, o in _MEASURED["cpu"]["b_lenet"]["inference"]),
 }
 
-# Training on one CPU device where oneDNN's convolutions build (`onednn.available`):
-# they replace XLA:CPU's, whose convolutions and kernel-gradient transposes take most
-# of these networks' train steps, and oneDNN's batch normalization XLA's slow sums. Several devices keep XLA's: the FFI call has no
+# Training on one CPU device where oneDNN's operations build (`onednn.available`):
+# oneDNN's convolutions replace XLA:CPU's, whose convolutions and kernel-gradient
+# transposes take most of these networks' train steps, and its batch normalization
+# XLA's slow BatchNorm sums. Several devices keep XLA's: the FFI call has no
 # partitioning rule, so XLA would gather the batch onto every device around it.
 _ONEDNN_TRAIN: dict[str, dict[str, str]] = {
     "b_resnet": {"conv_impl": "onednn", "strided_conv_impl": "onednn", "norm_impl": "onednn"},
