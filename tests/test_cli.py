@@ -127,6 +127,15 @@ def test_bad_inputs_are_one_line_errors_and_touch_nothing(workdir, tmp_path):
   assert not os.path.exists(missing)  # No program created a workdir it then refused.
 
 
+def test_asking_for_onednn_where_it_cannot_run_is_one_line(monkeypatch):
+  monkeypatch.setenv("BNET_ONEDNN", "0")  # Read by the subprocess (`_run` copies os.environ).
+  cases = {("benchmark_train", "--model=b_resnet", "--options=depth=8",
+            "--variants=conv_impl=onednn", "--steps=1", "--repeats=1"):
+           "--variants: layer implementation 'onednn' cannot run here: turned off by "
+           "BNET_ONEDNN=0. Use 'auto' or 'xla'."}
+  _assert_one_line_errors(cases, _run_all(cases), logs=True)
+
+
 def test_unwritable_results_name_the_path(workdir, tmp_path):
   """A read-only workdir is refused before any work (where the mode binds: not for
   root); a result file that cannot be written names its path."""
