@@ -46,7 +46,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from bnet_jax import data, nets, runtime, timing
+from bnet_jax import nets, runtime, timing
 from experiments import errors, train_runner
 
 _CORES = flags.DEFINE_integer("cores", 1, "CPU cores (and torch threads); 0: all.")
@@ -243,17 +243,12 @@ def main(argv: list[str]) -> None:
   errors.at_least("train_steps", _TRAIN_STEPS.value, 1)
   if not 0 <= _FRACTION.value <= 1:
     raise app.UsageError(f"--exit_fraction must be in [0, 1]; got {_FRACTION.value}.")
-  if _MODEL.value not in nets.names():
-    raise app.UsageError(f"--model={_MODEL.value} is not a registered network; registered: "
-                         f"{', '.join(nets.names())}.")
+  errors.check_model(_MODEL.value)
   if not _TRAIN_BATCH.value and _MODEL.value != "b_lenet":
     raise app.UsageError(f"the batch-1 early-exit paths are B-LeNet's only; pass "
                          f"--train_batch_size=N to time joint training of {_MODEL.value}.")
-  options = given = train_runner.parse_options(_OPTIONS.value)
-  if _DATASET.value:
-    dataset = data.spec(_DATASET.value)
-    options = {"input_shape": dataset.image_shape, "num_classes": dataset.num_classes,
-               **options}
+  given = train_runner.parse_options(_OPTIONS.value)
+  options = train_runner.network_options(_OPTIONS.value, _DATASET.value)
   allowed = sorted(os.sched_getaffinity(0))
   if _CORES.value > len(allowed):
     raise app.UsageError(f"--cores={_CORES.value}, but this process may use only "

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bnet_jax import cascade, cost, data, nets, runtime, timing
+from bnet_jax import cascade, cost, nets, runtime, timing
 from experiments import errors, train_runner
 
 _MODEL = flags.DEFINE_string("model", "b_alexnet", "Registered network name.")
@@ -84,11 +84,7 @@ def main(argv: list[str]) -> None:
   except ValueError:
     raise ValueError(f"--exit_fractions must be numbers; got {','.join(_FRACTIONS.value)}."
                      ) from None
-  options = train_runner.parse_options(_OPTIONS.value)
-  if _DATASET.value:
-    dataset = data.spec(_DATASET.value)
-    options = {"input_shape": dataset.image_shape, "num_classes": dataset.num_classes,
-               **options}
+  options = train_runner.network_options(_OPTIONS.value, _DATASET.value)
   runtime.configure()
   errors.check_network("options", lambda: nets.get(_MODEL.value, **options))
   net = nets.get(_MODEL.value, **options)

@@ -24,10 +24,9 @@ import json
 from collections.abc import Callable
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from bnet_jax import nets, runtime, timing
-from bnet_jax.inputs import data
 from experiments import errors, train_runner
 
 _MODEL = flags.DEFINE_string("model", "b_lenet", "Registered network name.")
@@ -72,13 +71,8 @@ def main(argv: list[str]) -> None:
   del argv
   if _JSON.value:
     errors.check_output(_JSON.value, "json")
-  if _MODEL.value not in nets.names():
-    raise app.UsageError(f"--model={_MODEL.value} is not a registered network; registered: "
-                         f"{', '.join(nets.names())}.")
-  shared = train_runner.parse_options(_OPTIONS.value)
-  if _DATASET.value:
-    dataset = data.spec(_DATASET.value)
-    shared = {"input_shape": dataset.image_shape, "num_classes": dataset.num_classes, **shared}
+  errors.check_model(_MODEL.value)
+  shared = train_runner.network_options(_OPTIONS.value, _DATASET.value)
   runtime.configure()
   options = {v: {**shared, **variant_options(v)} for v in _VARIANTS.value}
   for v in _VARIANTS.value:

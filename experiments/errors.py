@@ -165,6 +165,15 @@ def key_values(flag: str, items: Sequence[str]) -> dict[str, str]:
   return options
 
 
+def check_model(name: str) -> None:
+  """A UsageError naming the registered networks unless `name` (``--model``) is one."""
+  from bnet_jax import nets  # Only here: the flag checks above need no JAX.
+
+  if name not in nets.names():
+    raise app.UsageError(f"--model={name} is not a registered network; registered: "
+                         f"{', '.join(nets.names())}.")
+
+
 def check_network(flag: str, build: Callable[[], Any]) -> None:
   """Builds a network with `build` and traces its initialisation (shapes only: nothing
   compiled, no weights), so an unknown option or layer implementation given with

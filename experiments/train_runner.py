@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from absl import app
 
-from bnet_jax import nets, train
+from bnet_jax import data, nets, train
 
 
 def parse_options(items: list[str]) -> dict:
@@ -29,6 +29,16 @@ def parse_options(items: list[str]) -> dict:
     except (ValueError, SyntaxError):
       options[key] = value  # A bare string such as paper.
   return options
+
+
+def network_options(items: list[str], dataset: str) -> dict:
+  """`--options` items (`parse_options`) sized for `dataset`'s images and classes
+  (``input_shape``, ``num_classes``) unless they set them; with `dataset` "", as given."""
+  options = parse_options(items)
+  if not dataset:
+    return options
+  spec = data.spec(dataset)
+  return {"input_shape": spec.image_shape, "num_classes": spec.num_classes, **options}
 
 
 def random_batch(net: nets.Network, batch_size: int) -> dict[str, np.ndarray]:
