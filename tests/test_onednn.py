@@ -49,6 +49,8 @@ def _xla(x, kernel, strides, padding):
     ((2, 8, 8, 4), (1, 1, 4, 8), (2, 2), ((0, 0), (0, 0))),    # Its 1x1 shortcut.
     ((3, 7, 9, 2), (5, 5, 2, 4), (1, 1), ((2, 1), (0, 2))),    # Uneven padding, H != W.
     ((1, 6, 6, 1), (3, 3, 1, 16), (1, 1), ((0, 0), (0, 0))),   # One input channel, batch 1.
+    ((2, 6, 6, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1))),  # Blocked = plain: no copies.
+    ((2, 5, 5, 32), (3, 3, 32, 32), (1, 1), ((1, 1), (1, 1))),  # Blocked != plain: reorders.
 ])
 def test_matches_xla_values_and_both_gradients(x_shape, kernel_shape, strides, padding):
   kx, kk, kg = jax.random.split(jax.random.key(0), 3)

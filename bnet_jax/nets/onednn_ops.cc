@@ -38,14 +38,14 @@ dnnl::engine& Engine() {
   return engine;
 }
 
-// One stream per calling thread: XLA may run independent custom calls concurrently.
+// The stream every call runs on, one call at a time (`Guard`).
 dnnl::stream& Stream() {
-  thread_local dnnl::stream stream(Engine());
+  static dnnl::stream stream(Engine());
   return stream;
 }
 
-// A per-thread buffer for reordered operands and oneDNN's scratchpad, reused across
-// calls so that no call allocates and page-faults fresh memory.
+// A buffer for reordered operands and oneDNN's scratchpad, reused across calls so that
+// no call allocates and page-faults fresh memory.
 class Arena {
  public:
   ~Arena() { std::free(data_); }
@@ -65,9 +65,9 @@ class Arena {
   size_t capacity_ = 0;
 };
 
-// The calling thread's arena, shared by every pass that thread runs.
-Arena& ThreadArena() {
-  thread_local Arena arena;
+// The arena every pass uses: calls run one at a time (`Guard`).
+Arena& SharedArena() {
+  static Arena arena;
   return arena;
 }
 
@@ -92,10 +92,17 @@ class PlanCache {
   std::map<Key, std::shared_ptr<Plan>> plans_;
 };
 
-// Runs `f`, reporting any exception (oneDNN's included) to XLA as an error of `what`.
+// Calls run one at a time. Each runs on every core through OpenMP, and XLA runs
+// independent operations concurrently (a convolution's two gradients, for one): two
+// calls at once would each start an OpenMP team and oversubscribe the cores.
+std::mutex exclusive;
+
+// Runs `f` alone, reporting any exception (oneDNN's included) to XLA as an error of
+// `what`.
 template <typename F>
 ffi::Error Guard(const char* what, F f) {
   try {
+    std::lock_guard<std::mutex> lock(exclusive);
     f();
     return ffi::Error::Success();
   } catch (const std::exception& e) {
@@ -117,8 +124,32 @@ struct Plan {
 
 PlanCache<std::array<int64_t, 16>, Plan> plans;
 
+// The strides of `d` when it addresses memory like an unblocked layout (one inner
+// block spanning a whole dimension, as in aBcd16b with 16 channels, is such a layout),
+// with size-1 dimensions' strides zeroed; empty otherwise.
+memory::dims PlainStrides(const memory::desc& d) {
+  if (d.get_format_kind() != memory::format_kind::blocked || d.get_submemory_offset() != 0 ||
+      d.get_padded_dims() != d.get_dims() || d.get_inner_nblks() > 1) {
+    return {};
+  }
+  memory::dims strides = d.get_strides();
+  const memory::dims dims = d.get_dims();
+  if (d.get_inner_nblks() == 1) {
+    const int64_t dim = d.get_inner_idxs()[0];
+    if (dims[dim] != d.get_inner_blks()[0]) return {};
+    strides[dim] = 1;
+  }
+  for (size_t i = 0; i < dims.size(); ++i) {
+    if (dims[i] == 1) strides[i] = 0;
+  }
+  return strides;
+}
+
+// A reorder between two layouts, or none where they address memory alike.
 std::unique_ptr<dnnl::reorder> Reorder(const memory::desc& from, const memory::desc& to) {
   if (from == to) return nullptr;
+  const memory::dims plain = PlainStrides(from);
+  if (!plain.empty() && plain == PlainStrides(to)) return nullptr;
   return std::make_unique<dnnl::reorder>(
       dnnl::reorder::primitive_desc(Engine(), from, Engine(), to));
 }
@@ -181,23 +212,25 @@ void Run(const Geometry& g, Kind kind, const float* a, const float* b, float* ou
                               [&] { return MakePlan(g, kind); });
   auto& engine = Engine();
   auto& stream = Stream();
-  memory a_plain(plan->a_plain, engine, const_cast<float*>(a));
-  memory b_plain(plan->b_plain, engine, const_cast<float*>(b));
-  memory out_plain(plan->out_plain, engine, out);
   const size_t na = plan->to_a ? Arena::Round(plan->a.get_size()) : 0;
   const size_t nb = plan->to_b ? Arena::Round(plan->b.get_size()) : 0;
   const size_t no = plan->from_out ? Arena::Round(plan->out.get_size()) : 0;
-  char* base = ThreadArena().Get(na + nb + no + Arena::Round(plan->scratch.get_size()));
-  memory a_mem = a_plain, b_mem = b_plain, out_mem = out_plain;
+  char* base = SharedArena().Get(na + nb + no + Arena::Round(plan->scratch.get_size()));
+  // Each operand in the primitive's layout: the plain buffer itself where no reorder is
+  // needed, else a copy in the arena.
+  void* const a_data = plan->to_a ? static_cast<void*>(base) : const_cast<float*>(a);
+  void* const b_data = plan->to_b ? static_cast<void*>(base + na) : const_cast<float*>(b);
+  void* const out_data = plan->from_out ? static_cast<void*>(base + na + nb) : out;
+  memory a_mem(plan->a, engine, a_data), b_mem(plan->b, engine, b_data),
+      out_mem(plan->out, engine, out_data);
   if (plan->to_a) {
-    a_mem = memory(plan->a, engine, base);
+    memory a_plain(plan->a_plain, engine, const_cast<float*>(a));
     plan->to_a->execute(stream, a_plain, a_mem);
   }
   if (plan->to_b) {
-    b_mem = memory(plan->b, engine, base + na);
+    memory b_plain(plan->b_plain, engine, const_cast<float*>(b));
     plan->to_b->execute(stream, b_plain, b_mem);
   }
-  if (plan->from_out) out_mem = memory(plan->out, engine, base + na + nb);
   std::unordered_map<int, memory> args = {
       {DNNL_ARG_SCRATCHPAD, memory(plan->scratch, engine, base + na + nb + no)}};
   if (kind == kForward) {
@@ -210,7 +243,10 @@ void Run(const Geometry& g, Kind kind, const float* a, const float* b, float* ou
                  {DNNL_ARG_DIFF_WEIGHTS, out_mem}});
   }
   plan->primitive.execute(stream, args);
-  if (plan->from_out) plan->from_out->execute(stream, out_mem, out_plain);
+  if (plan->from_out) {
+    memory out_plain(plan->out_plain, engine, out);
+    plan->from_out->execute(stream, out_mem, out_plain);
+  }
   stream.wait();
 }
 
@@ -296,7 +332,7 @@ ffi::Error RunNorm(ffi::Span<const int64_t> x, float epsilon, bool backward,
     const memory::desc& scratch = backward ? plan->backward_scratch : plan->forward_scratch;
     std::unordered_map<int, memory> memories = {
         {DNNL_ARG_SCRATCHPAD,
-         memory(scratch, Engine(), ThreadArena().Get(Arena::Round(scratch.get_size())))}};
+         memory(scratch, Engine(), SharedArena().Get(Arena::Round(scratch.get_size())))}};
     for (const auto& [arg, data] : args) {
       const bool per_channel = arg != DNNL_ARG_SRC && arg != DNNL_ARG_DST &&
                                arg != DNNL_ARG_DIFF_SRC && arg != DNNL_ARG_DIFF_DST;
