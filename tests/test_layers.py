@@ -35,7 +35,8 @@ def conv_case(request):
 
 # Implementations that need no pool, with every kernel gradient they take.
 UNPOOLED = [(name, grad) for name, impl in layers.CONV_IMPLS.items() if not impl.needs_pool
-            for grad in layers.KERNEL_GRADS if grad == "autodiff" or not impl.fuses_pool]
+            for grad in layers.KERNEL_GRADS
+            if grad == "autodiff" or not (impl.fuses_pool or impl.adds_bias)]
 POOL_ONLY = tuple(name for name, impl in layers.CONV_IMPLS.items() if impl.needs_pool)
 
 
@@ -90,6 +91,7 @@ def test_pooled_conv_matches_conv_then_numpy_pool(conv_case, impl, pool):
 @pytest.mark.parametrize("options,match", [
     ({"impl": "pool_phase"}, "pool >= 2"),
     ({"impl": "pool_phase", "pool": 2, "kernel_grad": "dot"}, "only be 'autodiff'"),
+    ({"impl": "onednn", "kernel_grad": "dot"}, "only be 'autodiff'"),  # Adds the bias.
     ({"impl": "phase", "pool": 2}, "Unknown conv impl 'phase'"),  # Old names: nets.get only.
     ({"kernel_grad": "fft"}, "Unknown kernel_grad 'fft'"),
 ])

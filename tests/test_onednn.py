@@ -52,16 +52,18 @@ def _xla(x, kernel, strides, padding):
     ((2, 6, 6, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1))),  # Blocked = plain: no copies.
     ((2, 5, 5, 32), (3, 3, 32, 32), (1, 1), ((1, 1), (1, 1))),  # Blocked != plain: reorders.
 ])
-def test_matches_xla_values_and_both_gradients(x_shape, kernel_shape, strides, padding):
-  kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+def test_matches_xla_values_and_all_gradients(x_shape, kernel_shape, strides, padding):
+  """Output, and the gradients of input, kernel and bias (the bias is added in the call)."""
+  kx, kk, kb, kg = jax.random.split(jax.random.key(0), 4)
   x = jax.random.normal(kx, x_shape)
   kernel = jax.random.normal(kk, kernel_shape)
-  want, xla_vjp = jax.vjp(lambda x, k: _xla(x, k, strides, padding), x, kernel)
-  got, ours_vjp = jax.jit(lambda x, k: jax.vjp(
-      lambda x, k: onednn.conv(x, k, strides, padding), x, k))(x, kernel)
+  bias = jax.random.normal(kb, kernel_shape[-1:])
+  want, xla_vjp = jax.vjp(lambda x, k, b: _xla(x, k, strides, padding) + b, x, kernel, bias)
+  got, ours_vjp = jax.jit(lambda x, k, b: jax.vjp(
+      lambda x, k, b: onednn.conv(x, k, strides, padding, b), x, k, b))(x, kernel, bias)
   g = jax.random.normal(kg, want.shape)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  for ours, theirs in zip(jax.jit(ours_vjp)(g), xla_vjp(g)):
+  for ours, theirs in zip(jax.jit(ours_vjp)(g), xla_vjp(g), strict=True):
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
 
 

@@ -64,9 +64,9 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _onednn_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
-  """`_xla_conv` as oneDNN calls, forward and both gradients (`onednn.conv`)."""
-  return onednn.conv(x, kernel, (1, 1), ((pad, pad), (pad, pad)))
+def _onednn_conv(x: jax.Array, kernel: jax.Array, pad: int, bias: jax.Array) -> jax.Array:
+  """`_xla_conv` plus `bias` as oneDNN calls, forward and gradients (`onednn.conv`)."""
+  return onednn.conv(x, kernel, (1, 1), ((pad, pad), (pad, pad)), bias)
 
 
 def _channels_pad8_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
@@ -266,11 +266,14 @@ class ConvImpl:
       pooling phase); `Conv` adds the bias after it. Otherwise `Conv` adds the bias
       and then pools.
     needs_pool: defined only with a pool of 2 or more to fuse.
+    adds_bias: `forward` is ``(x, kernel, pad, bias) -> y`` and adds the (C_out,) bias
+      itself, in the convolution's own pass; its kernel gradient is its own.
   """
   forward: Callable[..., jax.Array]
   description: str
   fuses_pool: bool = False
   needs_pool: bool = False
+  adds_bias: bool = False
 
 
 CONV_IMPLS: dict[str, ConvImpl] = {
@@ -281,7 +284,8 @@ CONV_IMPLS: dict[str, ConvImpl] = {
     "onednn": ConvImpl(
         _onednn_conv,
         "oneDNN's convolution and gradients through XLA's FFI (float32, CPU): several "
-        "times faster than XLA:CPU's in training; built on first use (nets.onednn)."),
+        "times faster than XLA:CPU's in training; built on first use (nets.onednn).",
+        adds_bias=True),
     "xla_channels_pad8": ConvImpl(
         _channels_pad8_conv,
         "XLA's convolution on C_in and C_out zero-padded to multiples of 8: XLA:CPU "
@@ -357,8 +361,8 @@ class Conv(_SquareConv):
     kernel_size: side of the square kernel.
     padding: zeros added on every side.
     impl: a `CONV_IMPLS` name; those with `needs_pool` need `pool` > 1.
-    kernel_grad: a `KERNEL_GRADS` name; "dot" only for implementations that do
-      not fuse the pool.
+    kernel_grad: a `KERNEL_GRADS` name; "dot" only for implementations that
+      neither fuse the pool nor add the bias.
     pool: > 1: non-overlapping ceil-mode max pooling of this window after the
       convolution (`max_pool_ceil`), fused with it where `ConvImpl.fuses_pool`.
     kernel_init: initialiser of the (k, k, C_in, C_out) kernel.
@@ -379,13 +383,16 @@ class Conv(_SquareConv):
                        f"{tuple(KERNEL_GRADS)}.")
     if impl.needs_pool and self.pool < 2:
       raise ValueError(f"Conv impl {self.impl!r} fuses a max pool: it needs pool >= 2.")
-    if impl.fuses_pool and self.kernel_grad != "autodiff":
-      raise ValueError(f"Conv impl {self.impl!r} fuses the pool: its kernel gradient can "
-                       f"only be 'autodiff', not {self.kernel_grad!r}.")
+    if (impl.fuses_pool or impl.adds_bias) and self.kernel_grad != "autodiff":
+      raise ValueError(f"Conv impl {self.impl!r} computes its own kernel gradient: "
+                       f"kernel_grad can only be 'autodiff', not {self.kernel_grad!r}.")
     x, kernel, bias = self._cast_with_parameters(x)
     if impl.fuses_pool:
       return impl.forward(x, kernel, self.padding, self.pool) + bias
-    y = _unpooled(self.impl, self.kernel_grad)(x, kernel, self.padding) + bias
+    if impl.adds_bias:
+      y = impl.forward(x, kernel, self.padding, bias)
+    else:
+      y = _unpooled(self.impl, self.kernel_grad)(x, kernel, self.padding) + bias
     return max_pool_ceil(y, self.pool) if self.pool > 1 else y
 
 
@@ -432,7 +439,7 @@ class StridedConv(_SquareConv):
       y = lax.conv_general_dilated(x, kernel, (self.stride,) * 2, [(self.padding,) * 2] * 2,
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
     elif self.impl == "onednn":
-      y = onednn.conv(x, kernel, (self.stride,) * 2, ((self.padding,) * 2,) * 2)
+      return onednn.conv(x, kernel, (self.stride,) * 2, ((self.padding,) * 2,) * 2, bias)
     else:
       y = _unpooled("xla", self.kernel_grad)(*_space_to_depth(x, kernel, self.padding,
                                                                self.stride), 0)

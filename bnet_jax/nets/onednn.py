@@ -166,7 +166,7 @@ def _attributes(strides: tuple[int, int], padding: tuple[int, int, int, int]) ->
       (sh, sw, pt, pb, pl, pr))}
 
 
-def _forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+def _forward(x: jax.Array, kernel: jax.Array, bias: jax.Array, strides: tuple[int, int],
              padding: tuple[int, int, int, int]) -> jax.Array:
   n, h, w, _ = x.shape
   kh, kw, _, cout = kernel.shape
@@ -174,17 +174,17 @@ def _forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   out = jax.ShapeDtypeStruct((n, (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1,
                               cout), jnp.float32)
   return jax.ffi.ffi_call("bnet_onednn_conv_forward", out)(
-      x, kernel, **_attributes(strides, padding))
+      x, kernel, bias, **_attributes(strides, padding))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, strides: tuple[int, int],
           padding: tuple[int, int, int, int]) -> jax.Array:
-  return _forward(x, kernel, strides, padding)
+  return _forward(x, kernel, bias, strides, padding)
 
 
-def _conv_fwd(x, kernel, strides, padding):
-  return _forward(x, kernel, strides, padding), (x, kernel)
+def _conv_fwd(x, kernel, bias, strides, padding):
+  return _forward(x, kernel, bias, strides, padding), (x, kernel)
 
 
 def _conv_bwd(strides, padding, residuals, g):
@@ -192,18 +192,23 @@ def _conv_bwd(strides, padding, residuals, g):
   attributes = _attributes(strides, padding)
   dx = jax.ffi.ffi_call("bnet_onednn_conv_input_grad", jax.ShapeDtypeStruct(x.shape, x.dtype))(
       g, kernel, **attributes)
-  dkernel = jax.ffi.ffi_call("bnet_onednn_conv_kernel_grad",
-                             jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))(x, g, **attributes)
-  return dx, dkernel
+  dkernel, dbias = jax.ffi.ffi_call(
+      "bnet_onednn_conv_kernel_grad",
+      (jax.ShapeDtypeStruct(kernel.shape, kernel.dtype),
+       jax.ShapeDtypeStruct(kernel.shape[-1:], kernel.dtype)))(x, g, **attributes)
+  return dx, dkernel, dbias
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
-         padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))) -> jax.Array:
-  """`lax.conv_general_dilated` (NHWC, HWIO) as oneDNN calls, forward and both gradients.
+         padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0)),
+         bias: jax.Array | None = None) -> jax.Array:
+  """`lax.conv_general_dilated` (NHWC, HWIO) plus `bias` as oneDNN calls, forward and
+  gradients.
 
+  The bias is added, and its gradient summed, inside the convolution's own calls.
   Other dtypes than float32 run XLA's convolution: the oneDNN calls are float32 only.
 
   Args:
@@ -211,6 +216,7 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
     kernel: (KH, KW, C_in, C_out), HWIO.
     strides: (stride_h, stride_w).
     padding: ((top, bottom), (left, right)) zeros.
+    bias: (C_out,), or None for none.
 
   Returns:
     (B, (H + top + bottom - KH) // stride_h + 1, (W + left + right - KW) // stride_w + 1,
@@ -220,12 +226,15 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
     OnednnUnavailableError: float32 operands and no oneDNN here (`unavailable_reason`),
       or a platform other than the CPU.
   """
-  if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+  if bias is None:
+    bias = jnp.zeros(kernel.shape[-1:], kernel.dtype)
+  if x.dtype != jnp.float32 or kernel.dtype != jnp.float32 or bias.dtype != jnp.float32:
     return lax.conv_general_dilated(x, kernel, strides, padding,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
   _check_usable("'auto' or 'xla'")
   (pt, pb), (pl, pr) = padding
-  return _conv(x, kernel, tuple(int(s) for s in strides), (int(pt), int(pb), int(pl), int(pr)))
+  return _conv(x, kernel, bias, tuple(int(s) for s in strides),
+               (int(pt), int(pb), int(pl), int(pr)))
 
 
 def _norm_results(x: jax.Array, scale: jax.Array) -> tuple[jax.ShapeDtypeStruct, ...]:

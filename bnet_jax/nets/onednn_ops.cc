@@ -118,6 +118,7 @@ struct Plan {
   dnnl::primitive primitive;
   memory::desc a, b, out;              // The primitive's operand layouts.
   memory::desc a_plain, b_plain, out_plain;
+  memory::desc bias;                   // (O): the forward's bias, the kernel gradient's.
   memory::desc scratch;
   std::unique_ptr<dnnl::reorder> to_a, to_b, from_out;
 };
@@ -156,13 +157,15 @@ std::unique_ptr<dnnl::reorder> Reorder(const memory::desc& from, const memory::d
 
 // The plan for one geometry and pass. The gradients let oneDNN choose its
 // own (blocked) layouts, reordering to and from the plain ones: with plain layouts
-// they are 2-3x slower. The forward pass is fastest on the plain layouts.
+// they are 2-3x slower. The forward pass is fastest on the plain layouts. The forward
+// adds the bias, and the kernel gradient computes the bias gradient in the same pass:
+// in XLA each would be one more pass over the output.
 std::shared_ptr<Plan> MakePlan(const Geometry& g, Kind kind) {
   const memory::dims src = {g.n, g.c, g.h, g.w}, wei = {g.o, g.c, g.kh, g.kw},
                      dst = {g.n, g.o, g.oh, g.ow};
   const memory::dims strides = {g.sh, g.sw}, pad_l = {g.pt, g.pl}, pad_r = {g.pb, g.pr};
   const memory::desc src_plain(src, dt::f32, tag::nhwc), wei_plain(wei, dt::f32, tag::hwio),
-      dst_plain(dst, dt::f32, tag::nhwc);
+      dst_plain(dst, dt::f32, tag::nhwc), bias({g.o}, dt::f32, tag::a);
   const bool any = kind != kForward;
   const memory::desc src_q = any ? memory::desc(src, dt::f32, tag::any) : src_plain;
   const memory::desc wei_q = any ? memory::desc(wei, dt::f32, tag::any) : wei_plain;
@@ -171,9 +174,10 @@ std::shared_ptr<Plan> MakePlan(const Geometry& g, Kind kind) {
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   const dnnl::convolution_forward::primitive_desc forward(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      src_q, wei_q, dst_q, strides, pad_l, pad_r, attr);
+      src_q, wei_q, bias, dst_q, strides, pad_l, pad_r, attr);
 
   auto plan = std::make_shared<Plan>();
+  plan->bias = bias;
   if (kind == kForward) {
     plan->primitive = dnnl::convolution_forward(forward);
     plan->a = forward.src_desc(), plan->a_plain = src_plain;
@@ -191,8 +195,8 @@ std::shared_ptr<Plan> MakePlan(const Geometry& g, Kind kind) {
     plan->scratch = pd.scratchpad_desc();
   } else {
     const dnnl::convolution_backward_weights::primitive_desc pd(
-        Engine(), dnnl::algorithm::convolution_direct, src_q, wei_q, dst_q, strides, pad_l,
-        pad_r, forward, attr);
+        Engine(), dnnl::algorithm::convolution_direct, src_q, wei_q, bias, dst_q, strides,
+        pad_l, pad_r, forward, attr);
     plan->primitive = dnnl::convolution_backward_weights(pd);
     plan->a = pd.src_desc(), plan->a_plain = src_plain;
     plan->b = pd.diff_dst_desc(), plan->b_plain = dst_plain;
@@ -205,8 +209,11 @@ std::shared_ptr<Plan> MakePlan(const Geometry& g, Kind kind) {
   return plan;
 }
 
-// Runs one pass: a and b are its two plain inputs, out its plain output.
-void Run(const Geometry& g, Kind kind, const float* a, const float* b, float* out) {
+// Runs one pass: a and b are its two plain inputs, out its plain output, and `bias`
+// the forward's bias or the kernel gradient's bias gradient (unused by the input
+// gradient).
+void Run(const Geometry& g, Kind kind, const float* a, const float* b, float* out,
+         float* bias) {
   const auto plan = plans.Get({g.n, g.h, g.w, g.c, g.kh, g.kw, g.o, g.oh, g.ow, g.sh, g.sw,
                                g.pt, g.pb, g.pl, g.pr, kind},
                               [&] { return MakePlan(g, kind); });
@@ -234,13 +241,15 @@ void Run(const Geometry& g, Kind kind, const float* a, const float* b, float* ou
   std::unordered_map<int, memory> args = {
       {DNNL_ARG_SCRATCHPAD, memory(plan->scratch, engine, base + na + nb + no)}};
   if (kind == kForward) {
-    args.insert({{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, out_mem}});
+    args.insert({{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, out_mem},
+                 {DNNL_ARG_BIAS, memory(plan->bias, engine, bias)}});
   } else if (kind == kInputGrad) {
     args.insert({{DNNL_ARG_DIFF_DST, a_mem}, {DNNL_ARG_WEIGHTS, b_mem},
                  {DNNL_ARG_DIFF_SRC, out_mem}});
   } else {
     args.insert({{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_DIFF_DST, b_mem},
-                 {DNNL_ARG_DIFF_WEIGHTS, out_mem}});
+                 {DNNL_ARG_DIFF_WEIGHTS, out_mem},
+                 {DNNL_ARG_DIFF_BIAS, memory(plan->bias, engine, bias)}});
   }
   plan->primitive.execute(stream, args);
   if (plan->from_out) {
@@ -251,38 +260,46 @@ void Run(const Geometry& g, Kind kind, const float* a, const float* b, float* ou
 }
 
 // The geometry from the shapes XLA passes: x (N, H, W, C), kernel (KH, KW, C, O), y (N,
-// OH, OW, O), whichever of them are the pass's inputs and output.
+// OH, OW, O) and the (O) bias, whichever of them are the pass's inputs and outputs.
 ffi::Error Call(Kind kind, ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
-                ffi::Span<const int64_t> y, const float* a, const float* b, float* out,
-                int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  if (!Rank4(x) || !Rank4(k) || !Rank4(y) || x[3] != k[2] || y[3] != k[3] || x[0] != y[0]) {
+                ffi::Span<const int64_t> y, ffi::Span<const int64_t> bias_dims,
+                const float* a, const float* b, float* out, float* bias, int64_t sh,
+                int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  if (!Rank4(x) || !Rank4(k) || !Rank4(y) || x[3] != k[2] || y[3] != k[3] || x[0] != y[0] ||
+      bias_dims.size() != 1 || bias_dims[0] != k[3]) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "onednn_conv: expected NHWC input, HWIO kernel and NHWC output");
+                      "onednn_conv: expected NHWC input, HWIO kernel, NHWC output and a bias "
+                      "of one value per output channel");
   }
   const Geometry g{x[0], x[1], x[2], x[3], k[0], k[1], k[3], y[1], y[2],
                    sh,   sw,   pt,   pb,   pl,   pr};
-  return Guard("onednn_conv", [&] { Run(g, kind, a, b, out); });
+  return Guard("onednn_conv", [&] { Run(g, kind, a, b, out, bias); });
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
-                   int64_t pb, int64_t pl, int64_t pr) {
-  return Call(kForward, x.dimensions(), k.dimensions(), y->dimensions(), x.typed_data(),
-              k.typed_data(), y->typed_data(), sh, sw, pt, pb, pl, pr);
+                   ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
+                   int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  return Call(kForward, x.dimensions(), k.dimensions(), y->dimensions(), bias.dimensions(),
+              x.typed_data(), k.typed_data(), y->typed_data(),
+              const_cast<float*>(bias.typed_data()), sh, sw, pt, pb, pl, pr);
 }
 
 ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
                      ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
                      int64_t pb, int64_t pl, int64_t pr) {
-  return Call(kInputGrad, dx->dimensions(), k.dimensions(), dy.dimensions(), dy.typed_data(),
-              k.typed_data(), dx->typed_data(), sh, sw, pt, pb, pl, pr);
+  const int64_t channels[1] = {k.dimensions()[3]};  // No bias: its gradient is elsewhere.
+  return Call(kInputGrad, dx->dimensions(), k.dimensions(), dy.dimensions(),
+              ffi::Span<const int64_t>(channels, 1),
+              dy.typed_data(), k.typed_data(), dx->typed_data(), nullptr, sh, sw, pt, pb, pl,
+              pr);
 }
 
 ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                      ffi::ResultBuffer<ffi::F32> dk, int64_t sh, int64_t sw, int64_t pt,
-                      int64_t pb, int64_t pl, int64_t pr) {
-  return Call(kKernelGrad, x.dimensions(), dk->dimensions(), dy.dimensions(), x.typed_data(),
-              dy.typed_data(), dk->typed_data(), sh, sw, pt, pb, pl, pr);
+                      ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dbias,
+                      int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  return Call(kKernelGrad, x.dimensions(), dk->dimensions(), dy.dimensions(),
+              dbias->dimensions(), x.typed_data(), dy.typed_data(), dk->typed_data(),
+              dbias->typed_data(), sh, sw, pt, pb, pl, pr);
 }
 
 // ---- batch normalization with batch statistics, x (N, H, W, C) ----------------------
@@ -374,21 +391,35 @@ ffi::Error NormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 
 }  // namespace
 
-#define BNET_CONV_BINDING                                                              \
-  ffi::Ffi::Bind()                                                                     \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                    \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                    \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                    \
-      .Attr<int64_t>("stride_h")                                                       \
-      .Attr<int64_t>("stride_w")                                                       \
-      .Attr<int64_t>("pad_top")                                                        \
-      .Attr<int64_t>("pad_bottom")                                                     \
-      .Attr<int64_t>("pad_left")                                                       \
+// The convolutions' attributes: strides and zero padding.
+#define BNET_CONV_ATTRIBUTES                                                            \
+  .Attr<int64_t>("stride_h")                                                            \
+      .Attr<int64_t>("stride_w")                                                        \
+      .Attr<int64_t>("pad_top")                                                         \
+      .Attr<int64_t>("pad_bottom")                                                      \
+      .Attr<int64_t>("pad_left")                                                        \
       .Attr<int64_t>("pad_right")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnConvForward, Forward, BNET_CONV_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnConvInputGrad, InputGrad, BNET_CONV_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnConvKernelGrad, KernelGrad, BNET_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnConvForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                      BNET_CONV_ATTRIBUTES);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnConvInputGrad, InputGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx
+                                      BNET_CONV_ATTRIBUTES);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnConvKernelGrad, KernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dkernel
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dbias
+                                      BNET_CONV_ATTRIBUTES);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnNormForward, NormForward,
                               ffi::Ffi::Bind()
