@@ -16,7 +16,7 @@ from jax import lax
 
 from bnet_jax import nets
 from bnet_jax.inference import cost
-from bnet_jax.nets import layers, onednn
+from bnet_jax.nets import alexnet, layers, onednn
 from bnet_jax.training import train
 from experiments import train_runner
 from tests.helpers import REPO
@@ -93,6 +93,41 @@ def test_layers_compute_what_xla_does(module, options):
 
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                value_and_grads("onednn"), value_and_grads("xla"))
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(3, 28, 28, 4), (2, 7, 9, 16), (1, 14, 14, 33)])
+def test_max_pool_matches_the_slices_with_gradient(shape):
+  """B-AlexNet's 3x3 stride-2 cover_all pooling, values and gradient (no ties)."""
+  x = jax.random.normal(jax.random.key(6), shape)
+  want, xla_vjp = jax.vjp(alexnet.max_pool_3x3_s2, x)
+  got, ours_vjp = jax.jit(lambda x: jax.vjp(
+      lambda x: alexnet.max_pool_3x3_s2(x, "onednn"), x))(x)
+  assert "bnet_onednn_pool_backward" in jax.jit(jax.grad(
+      lambda x: alexnet.max_pool_3x3_s2(x, "onednn").sum())).lower(x).as_text()
+  g = jax.random.normal(jax.random.key(7), want.shape)
+  np.testing.assert_array_equal(got, want)
+  # Overlapping windows add up in another order: equal to rounding.
+  np.testing.assert_allclose(jax.jit(ours_vjp)(g)[0], xla_vjp(g)[0], rtol=1e-6, atol=1e-6)
+
+
+@needs_onednn
+def test_b_alexnet_gradients_alike_with_onednn_and_xla():
+  """Convolutions with their biases, and the pooling, in a whole B-AlexNet."""
+  grads = {}
+  for impl in ("xla", "onednn"):
+    net = nets.get("b_alexnet", input_shape=(16, 16, 2), num_classes=5, conv_impl=impl)
+    variables = nets.init(net, jax.random.key(0))
+    batch = train_runner.random_batch(net, 4)
+    loss = lambda params: jnp.sum(nets.forward(  # noqa: E731
+        net, {**variables, "params": params}, batch["image"])[0].logits ** 2)
+    fn = jax.jit(jax.value_and_grad(loss))
+    if impl == "onednn":
+      assert "bnet_onednn_pool_backward" in fn.lower(variables["params"]).as_text()
+    grads[impl] = fn(variables["params"])
+  np.testing.assert_allclose(grads["onednn"][0], grads["xla"][0], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               grads["onednn"][1], grads["xla"][1])
 
 
 @needs_onednn

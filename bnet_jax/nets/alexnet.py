@@ -42,7 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnet_jax.nets import layers
+from bnet_jax.nets import layers, onednn
 from bnet_jax.nets.core import Network, Stage
 from bnet_jax.nets.lrn import paper_lrn
 
@@ -50,14 +50,17 @@ PLACEMENTS = ("code", "paper")
 EXIT_HEADS = ("authors", "trunk")
 
 
-def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+def max_pool_3x3_s2(x: jax.Array, conv_impl: str = "xla") -> jax.Array:
   """3x3 stride-2 max pooling that rounds its output size up (Chainer's cover_all).
 
-  The max of nine strided slices rather than `nn.max_pool`: on CPU the gradient of
-  XLA's reduce_window (select_and_scatter) is several times slower than this.
+  With oneDNN's convolutions, oneDNN's pooling (float32): XLA computes the gradient
+  of the slices below as one slow select over nine padded copies. Otherwise the max
+  of nine strided slices rather than `nn.max_pool`: on CPU the gradient of XLA's
+  reduce_window (select_and_scatter) is several times slower than this.
 
   Args:
     x: (B, H, W, C).
+    conv_impl: the network's convolutions (a `layers.CONV_IMPLS` name).
 
   Returns:
     (B, (H - 2) // 2 + 1, (W - 2) // 2 + 1, C), which is (B, H // 2, W // 2, C):
@@ -65,6 +68,8 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   """
   _, h, w, _ = x.shape
   ho, wo = (h - 2) // 2 + 1, (w - 2) // 2 + 1
+  if conv_impl == "onednn" and x.dtype == jnp.float32:
+    return onednn.max_pool(x, 3, 2, ((0, 2 * ho + 1 - h), (0, 2 * wo + 1 - w)))
   # Windows running past the edge see -inf, which never wins: cover_all.
   x = jnp.pad(x, ((0, 0), (0, 2 * ho + 1 - h), (0, 2 * wo + 1 - w), (0, 0)),
               constant_values=-jnp.inf)
@@ -72,8 +77,8 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   return functools.reduce(jnp.maximum, taps)
 
 
-def _relu_pool_lrn(x: jax.Array) -> jax.Array:
-  return paper_lrn(max_pool_3x3_s2(nn.relu(x)))
+def _relu_pool_lrn(x: jax.Array, conv_impl: str) -> jax.Array:
+  return paper_lrn(max_pool_3x3_s2(nn.relu(x), conv_impl))
 
 
 def _conv(features: int, kernel: int, name: str, module: nn.Module) -> layers.Conv:
@@ -103,15 +108,15 @@ class Trunk(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for block in self.blocks:
       if block == "conv1":
-        x = _relu_pool_lrn(_conv(32, 5, "conv1", self)(x))
+        x = _relu_pool_lrn(_conv(32, 5, "conv1", self)(x), self.conv_impl)
       elif block == "conv2":
-        x = _relu_pool_lrn(_conv(64, 5, "conv2", self)(x))
+        x = _relu_pool_lrn(_conv(64, 5, "conv2", self)(x), self.conv_impl)
       elif block == "conv3":
         x = nn.relu(_conv(96, 3, "conv3", self)(x))
       elif block == "top":
         x = nn.relu(_conv(96, 3, "conv4", self)(x))
         x = nn.relu(_conv(64, 3, "conv5", self)(x))
-        x = _flatten(max_pool_3x3_s2(x))
+        x = _flatten(max_pool_3x3_s2(x, self.conv_impl))
         x = nn.relu(nn.Dense(256, dtype=self.dtype, name="fc1")(x))
         x = nn.Dropout(0.5, deterministic=not train)(x)
         x = nn.relu(nn.Dense(128, dtype=self.dtype, name="fc2")(x))
@@ -136,10 +141,11 @@ class Branch(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if self.pool_first:
-      x = paper_lrn(max_pool_3x3_s2(x))
+      x = paper_lrn(max_pool_3x3_s2(x, self.conv_impl))
     for i in range(self.num_convs):
       x = nn.relu(_conv(32, 3, f"conv{i + 1}", self)(x))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(_flatten(max_pool_3x3_s2(x)))
+    x = _flatten(max_pool_3x3_s2(x, self.conv_impl))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
 
 
 class TrunkBranch(nn.Module):
@@ -179,7 +185,8 @@ def b_alexnet(placement: str = "code", conv_impl: str = "xla", dtype: Any = "flo
   Args:
     placement: "code" (exits after conv2 and conv3, as the authors' code) or "paper"
       (after conv1 and conv2).
-    conv_impl: implementation of every convolution (a `layers.CONV_IMPLS` name).
+    conv_impl: implementation of every convolution (a `layers.CONV_IMPLS` name);
+      "onednn" max-pools with oneDNN too (`max_pool_3x3_s2`).
     dtype: computation dtype of every layer (parameters stay float32).
     conv_kernel_grad: how every convolution's kernel gradient is computed (a
       `layers.KERNEL_GRADS` name).

@@ -40,7 +40,9 @@ _TARGETS = {"bnet_onednn_conv_forward": "BnetOnednnConvForward",
             "bnet_onednn_conv_input_grad": "BnetOnednnConvInputGrad",
             "bnet_onednn_conv_kernel_grad": "BnetOnednnConvKernelGrad",
             "bnet_onednn_norm_forward": "BnetOnednnNormForward",
-            "bnet_onednn_norm_backward": "BnetOnednnNormBackward"}
+            "bnet_onednn_norm_backward": "BnetOnednnNormBackward",
+            "bnet_onednn_pool_forward": "BnetOnednnPoolForward",
+            "bnet_onednn_pool_backward": "BnetOnednnPoolBackward"}
 
 
 class OnednnUnavailableError(ValueError):
@@ -291,3 +293,68 @@ def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float
   """
   _check_usable("norm_impl='flax'")
   return _batch_norm(x, scale, shift, float(epsilon))
+
+
+def _pool_attributes(window: int, stride: int, padding: tuple[int, int, int, int]) -> dict:
+  pt, pb, pl, pr = padding
+  return {name: np.int64(v) for name, v in zip(
+      ("window_h", "window_w", "stride_h", "stride_w", "pad_top", "pad_bottom", "pad_left",
+       "pad_right"), (window, window, stride, stride, pt, pb, pl, pr))}
+
+
+def _pool_forward(x: jax.Array, window: int, stride: int, padding: tuple[int, int, int, int]
+                  ) -> tuple[jax.Array, jax.Array]:
+  n, h, w, c = x.shape
+  pt, pb, pl, pr = padding
+  shape = (n, (h + pt + pb - window) // stride + 1, (w + pl + pr - window) // stride + 1, c)
+  # The workspace: for each output, which input of its window was the max (one byte).
+  return jax.ffi.ffi_call("bnet_onednn_pool_forward", (
+      jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.uint8)))(
+          x, **_pool_attributes(window, stride, padding))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool(x: jax.Array, window: int, stride: int, padding: tuple[int, int, int, int],
+              x_shape: tuple[int, ...]) -> jax.Array:
+  return _pool_forward(x, window, stride, padding)[0]
+
+
+def _max_pool_fwd(x, window, stride, padding, x_shape):
+  y, workspace = _pool_forward(x, window, stride, padding)
+  return y, workspace
+
+
+def _max_pool_bwd(window, stride, padding, x_shape, workspace, g):
+  return (jax.ffi.ffi_call("bnet_onednn_pool_backward",
+                           jax.ShapeDtypeStruct(x_shape, jnp.float32))(
+      g, workspace, **_pool_attributes(window, stride, padding)),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(x: jax.Array, window: int, stride: int,
+             padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))) -> jax.Array:
+  """Max pooling of square windows as oneDNN calls, forward and gradient.
+
+  Padding never wins (as -inf padding). The gradient goes to one max of each window
+  (where a window has several equal maxima, to one of them), through a one-byte
+  workspace per output that the forward writes.
+
+  Args:
+    x: (B, H, W, C) float32.
+    window: side of the square window (at most 15: the workspace holds its index).
+    stride: step of the window in both directions.
+    padding: ((top, bottom), (left, right)), each less than `window`.
+
+  Returns:
+    (B, (H + top + bottom - window) // stride + 1, (W + left + right - window) // stride
+    + 1, C).
+
+  Raises:
+    OnednnUnavailableError: no oneDNN here (`unavailable_reason`), or not the CPU.
+  """
+  _check_usable("XLA's pooling")
+  (pt, pb), (pl, pr) = padding
+  return _max_pool(x, int(window), int(stride), (int(pt), int(pb), int(pl), int(pr)),
+                   x.shape)

@@ -13,6 +13,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <unordered_map>
 
@@ -389,6 +390,91 @@ ffi::Error NormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                   {DNNL_ARG_DIFF_SHIFT, dshift->typed_data()}});
 }
 
+
+// ---- max pooling, x (N, H, W, C) ------------------------------------------------------
+// Padding is never the max (oneDNN ignores it), as with -inf padding. The forward
+// records in a workspace (one byte an output) which input each output took; the
+// backward routes each output's gradient there.
+
+struct PoolPlan {
+  dnnl::pooling_forward forward;
+  dnnl::pooling_backward backward;
+  memory::desc src, dst, workspace, forward_scratch, backward_scratch;
+};
+
+PlanCache<std::array<int64_t, 14>, PoolPlan> pool_plans;
+
+std::shared_ptr<PoolPlan> MakePoolPlan(const std::array<int64_t, 14>& k) {
+  const auto [n, h, w, c, oh, ow, kh, kw, sh, sw, pt, pb, pl, pr] = k;
+  auto plan = std::make_shared<PoolPlan>();
+  plan->src = memory::desc({n, c, h, w}, dt::f32, tag::nhwc);
+  plan->dst = memory::desc({n, c, oh, ow}, dt::f32, tag::nhwc);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  const dnnl::pooling_forward::primitive_desc forward(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::pooling_max, plan->src,
+      plan->dst, {sh, sw}, {kh, kw}, {0, 0}, {pt, pl}, {pb, pr}, attr);
+  const dnnl::pooling_backward::primitive_desc backward(
+      Engine(), dnnl::algorithm::pooling_max, plan->src, plan->dst, {sh, sw}, {kh, kw}, {0, 0},
+      {pt, pl}, {pb, pr}, forward, attr);
+  plan->forward = dnnl::pooling_forward(forward);
+  plan->backward = dnnl::pooling_backward(backward);
+  plan->workspace = forward.workspace_desc();
+  plan->forward_scratch = forward.scratchpad_desc();
+  plan->backward_scratch = backward.scratchpad_desc();
+  return plan;
+}
+
+// Runs the forward (x -> y, workspace) or the backward (dy, workspace -> dx) pass.
+ffi::Error RunPool(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y, size_t ws_bytes,
+                   bool backward, void* x_data, void* y_data, void* ws_data, int64_t kh,
+                   int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                   int64_t pr) {
+  if (!Rank4(x) || !Rank4(y) || x[0] != y[0] || x[3] != y[3]) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "onednn max_pool: expected NHWC input and output");
+  }
+  return Guard("onednn max_pool", [&] {
+    const std::array<int64_t, 14> key = {x[0], x[1], x[2], x[3], y[1], y[2], kh,
+                                         kw,   sh,   sw,   pt,   pb,   pl,   pr};
+    const auto plan = pool_plans.Get(key, [&] { return MakePoolPlan(key); });
+    if (plan->workspace.get_size() > ws_bytes) {
+      throw std::runtime_error("the workspace buffer is smaller than oneDNN's");
+    }
+    const memory::desc& scratch = backward ? plan->backward_scratch : plan->forward_scratch;
+    std::unordered_map<int, memory> args = {
+        {DNNL_ARG_SCRATCHPAD,
+         memory(scratch, Engine(), SharedArena().Get(Arena::Round(scratch.get_size())))},
+        {DNNL_ARG_WORKSPACE, memory(plan->workspace, Engine(), ws_data)}};
+    if (backward) {
+      args.insert({{DNNL_ARG_DIFF_DST, memory(plan->dst, Engine(), y_data)},
+                   {DNNL_ARG_DIFF_SRC, memory(plan->src, Engine(), x_data)}});
+      plan->backward.execute(Stream(), args);
+    } else {
+      args.insert({{DNNL_ARG_SRC, memory(plan->src, Engine(), x_data)},
+                   {DNNL_ARG_DST, memory(plan->dst, Engine(), y_data)}});
+      plan->forward.execute(Stream(), args);
+    }
+    Stream().wait();
+  });
+}
+
+ffi::Error PoolForward(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
+                       ffi::ResultBuffer<ffi::U8> ws, int64_t kh, int64_t kw, int64_t sh,
+                       int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  return RunPool(x.dimensions(), y->dimensions(), ws->size_bytes(), /*backward=*/false,
+                 const_cast<float*>(x.typed_data()), y->typed_data(), ws->untyped_data(), kh,
+                 kw, sh, sw, pt, pb, pl, pr);
+}
+
+ffi::Error PoolBackward(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::U8> ws,
+                        ffi::ResultBuffer<ffi::F32> dx, int64_t kh, int64_t kw, int64_t sh,
+                        int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  return RunPool(dx->dimensions(), dy.dimensions(), ws.size_bytes(), /*backward=*/true,
+                 dx->typed_data(), const_cast<float*>(dy.typed_data()),
+                 const_cast<void*>(ws.untyped_data()), kh, kw, sh, sw, pt, pb, pl, pr);
+}
+
 }  // namespace
 
 // The convolutions' attributes: strides and zero padding.
@@ -441,6 +527,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnNormBackward, NormBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dscale
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dshift
                                   .Attr<float>("epsilon"));
+
+// The pooling's attributes: window, strides and padding.
+#define BNET_POOL_ATTRIBUTES                                                            \
+  .Attr<int64_t>("window_h")                                                            \
+      .Attr<int64_t>("window_w")                                                        \
+      .Attr<int64_t>("stride_h")                                                        \
+      .Attr<int64_t>("stride_w")                                                        \
+      .Attr<int64_t>("pad_top")                                                         \
+      .Attr<int64_t>("pad_bottom")                                                      \
+      .Attr<int64_t>("pad_left")                                                        \
+      .Attr<int64_t>("pad_right")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnPoolForward, PoolForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Ret<ffi::Buffer<ffi::U8>>()   // workspace
+                                      BNET_POOL_ATTRIBUTES);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnPoolBackward, PoolBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // workspace
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx
+                                      BNET_POOL_ATTRIBUTES);
 
 // oneDNN's version as major * 10000 + minor * 100 + patch.
 extern "C" int bnet_onednn_version() {
