@@ -528,16 +528,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnNormBackward, NormBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dshift
                                   .Attr<float>("epsilon"));
 
-// The pooling's attributes: window, strides and padding.
-#define BNET_POOL_ATTRIBUTES                                                            \
-  .Attr<int64_t>("window_h")                                                            \
-      .Attr<int64_t>("window_w")                                                        \
-      .Attr<int64_t>("stride_h")                                                        \
-      .Attr<int64_t>("stride_w")                                                        \
-      .Attr<int64_t>("pad_top")                                                         \
-      .Attr<int64_t>("pad_bottom")                                                      \
-      .Attr<int64_t>("pad_left")                                                        \
-      .Attr<int64_t>("pad_right")
+// The pooling's attributes: its window, then strides and padding as a convolution's.
+#define BNET_POOL_ATTRIBUTES \
+  .Attr<int64_t>("window_h").Attr<int64_t>("window_w") BNET_CONV_ATTRIBUTES
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnPoolForward, PoolForward,
                               ffi::Ffi::Bind()
