@@ -184,9 +184,11 @@ def test_batch_norm_matches_its_definition_with_gradients():
 
 
 @needs_onednn
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("train", [True, False])
-def test_onednn_batch_norm_layer_is_flax_batch_norm(train):
-  """Same variables, outputs, updated statistics and gradients as nn.BatchNorm."""
+def test_onednn_batch_norm_layer_is_flax_batch_norm(train, relu):
+  """Same variables, outputs, updated statistics and gradients as nn.BatchNorm, alone
+  and followed by a ReLU (`batch_norm_relu`, one call in training)."""
   x = 2 * jax.random.normal(jax.random.key(4), (8, 6, 6, 5)) - 1
   modules = {impl: layers.batch_norm(impl, train, "bn", jnp.float32, momentum=0.9,
                                      epsilon=1e-5) for impl in layers.NORM_IMPLS}
@@ -198,7 +200,8 @@ def test_onednn_batch_norm_layer_is_flax_batch_norm(train):
 
   def run(module):
     def loss(variables, x):
-      y, updated = module.apply(variables, x, mutable=["batch_stats"])
+      y, updated = nn.apply(layers.batch_norm_relu if relu else lambda m, x: m(x), module,
+                            mutable=["batch_stats"])(variables, x)
       return jnp.sum(jnp.sin(y)), updated
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(variables, x)
 

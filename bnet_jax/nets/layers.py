@@ -462,16 +462,18 @@ class _OnednnBatchNorm(nn.Module):
   epsilon: float
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """(B, H, W, C) float32 -> the same, normalised per channel."""
+  def __call__(self, x: jax.Array, relu: bool = False) -> jax.Array:
+    """(B, H, W, C) float32 -> the same, normalised per channel (then ReLU'd with `relu`,
+    in the same oneDNN call in training)."""
     c = x.shape[-1]
     mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     if self.use_running_average:
-      return (x - mean.value) * (lax.rsqrt(var.value + self.epsilon) * scale) + bias
-    y, batch_mean, batch_var = onednn.batch_norm(x, scale, bias, self.epsilon)
+      y = (x - mean.value) * (lax.rsqrt(var.value + self.epsilon) * scale) + bias
+      return nn.relu(y) if relu else y
+    y, batch_mean, batch_var = onednn.batch_norm(x, scale, bias, self.epsilon, relu)
     if not self.is_initializing():
       mean.value = self.momentum * mean.value + (1 - self.momentum) * batch_mean
       var.value = self.momentum * var.value + (1 - self.momentum) * batch_var
@@ -490,6 +492,21 @@ def batch_norm(impl: str, train: bool, name: str, dtype: jnp.dtype, *, momentum:
   # Flax reduces the statistics in float32 and keeps the running ones float32.
   return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
                       dtype=dtype, name=name)
+
+
+def batch_norm_relu(norm: nn.Module, x: jax.Array) -> jax.Array:
+  """relu(norm(x)) for a `batch_norm` module: one call where it is oneDNN's.
+
+  Args:
+    norm: a module `batch_norm` returned.
+    x: (B, H, W, C).
+
+  Returns:
+    (B, H, W, C).
+  """
+  if isinstance(norm, _OnednnBatchNorm):
+    return norm(x, relu=True)
+  return nn.relu(norm(x))
 
 
 def _pool_windows(x: jax.Array, window: int) -> jax.Array:

@@ -123,6 +123,7 @@ def _library() -> ctypes.CDLL:
   if sys.platform != "linux":
     raise OnednnUnavailableError(f"built on Linux only, not {sys.platform}.")
   library = ctypes.CDLL(str(_build()))
+  library.bnet_onednn_norm_relu_workspace_bytes.restype = ctypes.c_int64
   for target, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform="cpu")
@@ -240,50 +241,66 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
 
 
 def _norm_results(x: jax.Array, scale: jax.Array) -> tuple[jax.ShapeDtypeStruct, ...]:
-  """What both BatchNorm calls return: one x-shaped array and two per-channel ones."""
+  """What both BatchNorm calls return first: one x-shaped array and two per-channel ones."""
   channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
   return jax.ShapeDtypeStruct(x.shape, jnp.float32), channels, channels
 
 
-def _norm_forward(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  return jax.ffi.ffi_call("bnet_onednn_norm_forward", _norm_results(x, scale))(
-      x, scale, shift, epsilon=np.float32(epsilon))
+def _norm_workspace(x: jax.Array, relu: bool) -> jax.ShapeDtypeStruct:
+  """The bytes in which the forward records where its ReLU passed (none without one)."""
+  if not relu:
+    return jax.ShapeDtypeStruct((0,), jnp.uint8)
+  size = _library().bnet_onednn_norm_relu_workspace_bytes(
+      *(ctypes.c_int64(d) for d in x.shape))
+  if size < 0:
+    raise OnednnUnavailableError(f"oneDNN {version()} has no batch normalization with a "
+                                 f"ReLU for {x.shape}; use relu=False.")
+  return jax.ShapeDtypeStruct((size,), jnp.uint8)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float
+def _norm_forward(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float,
+                  relu: bool) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  return jax.ffi.ffi_call("bnet_onednn_norm_forward",
+                          (*_norm_results(x, scale), _norm_workspace(x, relu)))(
+      x, scale, shift, epsilon=np.float32(epsilon), relu=relu)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float, relu: bool
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  return _norm_forward(x, scale, shift, epsilon)
+  return _norm_forward(x, scale, shift, epsilon, relu)[:3]
 
 
-def _batch_norm_fwd(x, scale, shift, epsilon):
-  y, mean, variance = _norm_forward(x, scale, shift, epsilon)
-  return (y, mean, variance), (x, scale, mean, variance)
+def _batch_norm_fwd(x, scale, shift, epsilon, relu):
+  y, mean, variance, workspace = _norm_forward(x, scale, shift, epsilon, relu)
+  return (y, mean, variance), (x, scale, mean, variance, workspace)
 
 
-def _batch_norm_bwd(epsilon, residuals, cotangents):
+def _batch_norm_bwd(epsilon, relu, residuals, cotangents):
   # The statistics' cotangents are dropped: they feed only the running averages.
-  x, scale, mean, variance = residuals
+  x, scale, mean, variance, workspace = residuals
   return jax.ffi.ffi_call("bnet_onednn_norm_backward", _norm_results(x, scale))(
-      x, cotangents[0], mean, variance, scale, epsilon=np.float32(epsilon))
+      x, cotangents[0], mean, variance, scale, workspace, epsilon=np.float32(epsilon),
+      relu=relu)
 
 
 _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
-def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float
-               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float,
+               relu: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Batch normalization with batch statistics as oneDNN calls, forward and gradients.
 
   y = (x - mean) / sqrt(variance + epsilon) * scale + shift, the statistics over (B, H,
-  W) per channel; the gradients reach x, scale and shift (not through the statistics
-  returned, which only feed running averages).
+  W) per channel, and then max(y, 0) with `relu`, in the same call; the gradients
+  reach x, scale and shift (not through the statistics returned, which only feed
+  running averages).
 
   Args:
     x: (B, H, W, C) float32.
     scale, shift: (C,) float32.
     epsilon: added to the variance.
+    relu: apply a ReLU to the result (its gradient rides on a bitmask of x's size).
 
   Returns:
     y (B, H, W, C), mean (C,) and biased variance (C,).
@@ -292,7 +309,7 @@ def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float
     OnednnUnavailableError: no oneDNN here (`unavailable_reason`), or not the CPU.
   """
   _check_usable("norm_impl='flax'")
-  return _batch_norm(x, scale, shift, float(epsilon))
+  return _batch_norm(x, scale, shift, float(epsilon), bool(relu))
 
 
 def _pool_attributes(window: int, stride: int, padding: tuple[int, int, int, int]) -> dict:

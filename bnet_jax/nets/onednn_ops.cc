@@ -305,21 +305,26 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 
 // ---- batch normalization with batch statistics, x (N, H, W, C) ----------------------
 
+// With `relu`, the forward applies a ReLU after the normalization and records where
+// it passed (one bit an element, in a workspace), and the backward masks the
+// gradient with it: in XLA the ReLU and its gradient would be two more passes.
 struct NormPlan {
   dnnl::batch_normalization_forward forward;
   dnnl::batch_normalization_backward backward;
-  memory::desc data, channels, forward_scratch, backward_scratch;
+  memory::desc data, channels, workspace, forward_scratch, backward_scratch;
 };
 
-PlanCache<std::array<int64_t, 5>, NormPlan> norm_plans;
+PlanCache<std::array<int64_t, 6>, NormPlan> norm_plans;
 
-std::shared_ptr<NormPlan> MakeNormPlan(ffi::Span<const int64_t> x, float epsilon) {
+std::shared_ptr<NormPlan> MakeNormPlan(const std::array<int64_t, 4>& x, float epsilon,
+                                       bool relu) {
   auto plan = std::make_shared<NormPlan>();
   plan->data = memory::desc({x[0], x[3], x[1], x[2]}, dt::f32, tag::nhwc);
   plan->channels = memory::desc({x[3]}, dt::f32, tag::a);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  const auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
+  auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
+  if (relu) flags = flags | dnnl::normalization_flags::fuse_norm_relu;
   const dnnl::batch_normalization_forward::primitive_desc forward(
       Engine(), dnnl::prop_kind::forward_training, plan->data, plan->data, epsilon, flags, attr);
   const dnnl::batch_normalization_backward::primitive_desc backward(
@@ -327,30 +332,37 @@ std::shared_ptr<NormPlan> MakeNormPlan(ffi::Span<const int64_t> x, float epsilon
       forward, attr);
   plan->forward = dnnl::batch_normalization_forward(forward);
   plan->backward = dnnl::batch_normalization_backward(backward);
+  plan->workspace = forward.workspace_desc();
   plan->forward_scratch = forward.scratchpad_desc();
   plan->backward_scratch = backward.scratchpad_desc();
   return plan;
 }
 
-std::shared_ptr<NormPlan> GetNormPlan(ffi::Span<const int64_t> x, float epsilon) {
+std::shared_ptr<NormPlan> GetNormPlan(const std::array<int64_t, 4>& x, float epsilon,
+                                      bool relu) {
   int32_t eps_bits;
   std::memcpy(&eps_bits, &epsilon, sizeof eps_bits);
-  return norm_plans.Get({x[0], x[1], x[2], x[3], eps_bits},
-                        [&] { return MakeNormPlan(x, epsilon); });
+  return norm_plans.Get({x[0], x[1], x[2], x[3], eps_bits, relu},
+                        [&] { return MakeNormPlan(x, epsilon, relu); });
 }
 
-// Runs the forward or backward pass for x's shape and `epsilon` on `args` (pointers
-// by oneDNN argument) with a scratchpad.
-ffi::Error RunNorm(ffi::Span<const int64_t> x, float epsilon, bool backward,
-                   const std::unordered_map<int, const float*>& args) {
+// Runs the forward or backward pass for x's shape, `epsilon` and `relu` on `args`
+// (pointers by oneDNN argument) with a scratchpad and the `ws_bytes` workspace.
+ffi::Error RunNorm(ffi::Span<const int64_t> x, float epsilon, bool relu, bool backward,
+                   const std::unordered_map<int, const float*>& args, void* ws,
+                   size_t ws_bytes) {
   if (!Rank4(x))
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "onednn batch_norm: x must be NHWC");
   return Guard("onednn batch_norm", [&] {
-    const auto plan = GetNormPlan(x, epsilon);
+    const auto plan = GetNormPlan({x[0], x[1], x[2], x[3]}, epsilon, relu);
+    if (plan->workspace.get_size() != ws_bytes) {
+      throw std::runtime_error("the workspace buffer's size is not oneDNN's");
+    }
     const memory::desc& scratch = backward ? plan->backward_scratch : plan->forward_scratch;
     std::unordered_map<int, memory> memories = {
         {DNNL_ARG_SCRATCHPAD,
          memory(scratch, Engine(), SharedArena().Get(Arena::Round(scratch.get_size())))}};
+    if (relu) memories.insert({DNNL_ARG_WORKSPACE, memory(plan->workspace, Engine(), ws)});
     for (const auto& [arg, data] : args) {
       const bool per_channel = arg != DNNL_ARG_SRC && arg != DNNL_ARG_DST &&
                                arg != DNNL_ARG_DIFF_SRC && arg != DNNL_ARG_DIFF_DST;
@@ -369,27 +381,28 @@ ffi::Error RunNorm(ffi::Span<const int64_t> x, float epsilon, bool backward,
 ffi::Error NormForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                        ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> y,
                        ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> variance,
-                       float epsilon) {
-  return RunNorm(x.dimensions(), epsilon, /*backward=*/false,
+                       ffi::ResultBuffer<ffi::U8> ws, float epsilon, bool relu) {
+  return RunNorm(x.dimensions(), epsilon, relu, /*backward=*/false,
                  {{DNNL_ARG_SRC, x.typed_data()}, {DNNL_ARG_SCALE, scale.typed_data()},
                   {DNNL_ARG_SHIFT, shift.typed_data()}, {DNNL_ARG_DST, y->typed_data()},
                   {DNNL_ARG_MEAN, mean->typed_data()},
-                  {DNNL_ARG_VARIANCE, variance->typed_data()}});
+                  {DNNL_ARG_VARIANCE, variance->typed_data()}},
+                 ws->untyped_data(), ws->size_bytes());
 }
 
 ffi::Error NormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                         ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> variance,
-                        ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> dx,
-                        ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dshift,
-                        float epsilon) {
-  return RunNorm(x.dimensions(), epsilon, /*backward=*/true,
+                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::U8> ws,
+                        ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale,
+                        ffi::ResultBuffer<ffi::F32> dshift, float epsilon, bool relu) {
+  return RunNorm(x.dimensions(), epsilon, relu, /*backward=*/true,
                  {{DNNL_ARG_SRC, x.typed_data()}, {DNNL_ARG_DIFF_DST, dy.typed_data()},
                   {DNNL_ARG_MEAN, mean.typed_data()}, {DNNL_ARG_VARIANCE, variance.typed_data()},
                   {DNNL_ARG_SCALE, scale.typed_data()}, {DNNL_ARG_DIFF_SRC, dx->typed_data()},
                   {DNNL_ARG_DIFF_SCALE, dscale->typed_data()},
-                  {DNNL_ARG_DIFF_SHIFT, dshift->typed_data()}});
+                  {DNNL_ARG_DIFF_SHIFT, dshift->typed_data()}},
+                 const_cast<void*>(ws.untyped_data()), ws.size_bytes());
 }
-
 
 // ---- max pooling, x (N, H, W, C) ------------------------------------------------------
 // Padding is never the max (oneDNN ignores it), as with -inf padding. The forward
@@ -515,7 +528,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnNormForward, NormForward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
                                   .Ret<ffi::Buffer<ffi::F32>>()  // mean
                                   .Ret<ffi::Buffer<ffi::F32>>()  // variance (biased)
-                                  .Attr<float>("epsilon"));
+                                  .Ret<ffi::Buffer<ffi::U8>>()   // workspace (ReLU only)
+                                  .Attr<float>("epsilon")
+                                  .Attr<bool>("relu"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnNormBackward, NormBackward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
@@ -523,10 +538,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnNormBackward, NormBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // mean
                                   .Arg<ffi::Buffer<ffi::F32>>()  // variance
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // workspace
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dscale
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dshift
-                                  .Attr<float>("epsilon"));
+                                  .Attr<float>("epsilon")
+                                  .Attr<bool>("relu"));
 
 // The pooling's attributes: its window, then strides and padding as a convolution's.
 #define BNET_POOL_ATTRIBUTES \
@@ -549,4 +566,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BnetOnednnPoolBackward, PoolBackward,
 extern "C" int bnet_onednn_version() {
   const auto* v = dnnl::version();
   return static_cast<int>(v->major * 10000 + v->minor * 100 + v->patch);
+}
+
+// The bytes of the workspace that batch normalization with a ReLU (N, H, W, C) needs,
+// or -1 if oneDNN has no such primitive.
+extern "C" int64_t bnet_onednn_norm_relu_workspace_bytes(int64_t n, int64_t h, int64_t w,
+                                                         int64_t c) {
+  try {
+    return static_cast<int64_t>(GetNormPlan({n, h, w, c}, 1e-5f, true)->workspace.get_size());
+  } catch (const std::exception&) {
+    return -1;
+  }
 }

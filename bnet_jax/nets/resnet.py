@@ -98,7 +98,7 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     h = _conv3x3(self.features, self.stride, "conv1", self)(x)
-    h = nn.relu(_batch_norm(train, "bn1", self)(h))
+    h = layers.batch_norm_relu(_batch_norm(train, "bn1", self), h)
     h = _conv3x3(self.features, 1, "conv2", self)(h)
     h = _batch_norm(train, "bn2", self)(h)
     if x.shape != h.shape:  # Option A: subsample, prepend zero channels; no parameters.
@@ -139,7 +139,7 @@ class Trunk(nn.Module):
     if self.stem:
       x = layers.Conv(16, 3, padding=0, impl=self.conv_impl, kernel_grad=self.conv_kernel_grad,
                       kernel_init=_he_normal, dtype=self.dtype, name="stem_conv")(x)
-      x = nn.relu(_batch_norm(train, "stem_bn", self)(x))
+      x = layers.batch_norm_relu(_batch_norm(train, "stem_bn", self), x)
     for i, (features, stride) in enumerate(self.blocks):
       x = ResBlock(features, stride, self.conv_impl, self.conv_kernel_grad,
                    self.strided_conv_impl, self.strided_conv_kernel_grad, self.dtype,
@@ -196,7 +196,7 @@ class TrunkExit(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = _conv3x3(2 * x.shape[-1], 2, "conv", self)(x)
-    x = nn.relu(_batch_norm(train, "bn", self)(x))
+    x = layers.batch_norm_relu(_batch_norm(train, "bn", self), x)
     # A mean over H * W / 4 activations: float32 even in a bfloat16 network.
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
     return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
