@@ -246,6 +246,23 @@ def test_lrn_matches_chainers_formula():
                              x[..., 2] / (1 + 1e-4 * np.sum(x ** 2, -1)) ** 0.75, rtol=1e-6)
 
 
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_lrn_gradient_is_autodiffs_of_the_formula(n):
+  """The written-out gradient against autodiff of the plain formula, edges included."""
+  x = jax.random.normal(jax.random.key(0), (2, 3, 3, 7)) * 30
+  g = jax.random.normal(jax.random.key(1), x.shape)
+  k, alpha, beta = 2.0, 5e-4, 0.75
+
+  def formula(x):
+    energy = jnp.stack([jnp.sum(jnp.square(x[..., max(0, c - n // 2):c + n // 2 + 1]), -1)
+                        for c in range(x.shape[-1])], -1)
+    return x * (k + alpha * energy) ** -beta
+
+  want = jax.vjp(formula, x)[1](g)[0]
+  got = jax.vjp(lambda x: lrn.local_response_norm(x, n, k, alpha, beta), x)[1](g)[0]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(want))))
+
 def _adam(lr=2e-3):
   return train.make_optimizer(ml_collections.ConfigDict(dict(
       learning_rate=lr, beta1=0.9, beta2=0.999, weight_decay=0.0, lr_schedule="constant",
