@@ -111,6 +111,11 @@ def test_max_pool_matches_the_slices_with_gradient(shape):
   np.testing.assert_allclose(jax.jit(ours_vjp)(g)[0], xla_vjp(g)[0], rtol=1e-6, atol=1e-6)
 
 
+def test_max_pool_refuses_windows_its_workspace_cannot_index():
+  with pytest.raises(ValueError, match="windows up to 15"):
+    onednn.max_pool(jnp.ones((1, 32, 32, 1)), 16, 16)
+
+
 @needs_onednn
 def test_b_alexnet_gradients_alike_with_onednn_and_xla():
   """Convolutions with their biases, and the pooling, in a whole B-AlexNet."""

@@ -1,10 +1,12 @@
-"""oneDNN's convolutions and batch normalization for JAX on CPU, through XLA's FFI.
+"""oneDNN's convolutions, batch normalization and max pooling for JAX on CPU, through
+XLA's FFI.
 
 XLA:CPU's convolutions, and the transposes that feed its kernel gradient, take most of
 a ResNet's train step on a CPU, and its BatchNorm sums much of the rest; oneDNN's
 (what PyTorch uses there) are several times faster. `conv` runs a float32 NHWC
-convolution and both its gradients as oneDNN calls, `batch_norm` batch normalization
-with batch statistics and its gradients.
+convolution with its bias and their gradients as oneDNN calls, `batch_norm` batch
+normalization with batch statistics (and a ReLU after it, if asked) and its
+gradients, `max_pool` max pooling and its gradient.
 
 They are native code, built on first use from `onednn_ops.cc` with the machine's C++
 compiler against oneDNN 3 (the extra ``pip install bnet-jax[onednn]`` brings its headers
@@ -369,9 +371,13 @@ def max_pool(x: jax.Array, window: int, stride: int,
     + 1, C).
 
   Raises:
+    ValueError: a window over 15.
     OnednnUnavailableError: no oneDNN here (`unavailable_reason`), or not the CPU.
   """
-  _check_usable("XLA's pooling")
+  if window > 15:
+    raise ValueError(f"onednn.max_pool takes windows up to 15 (its workspace holds the "
+                     f"max's index in one byte); got {window}. Pool with XLA instead.")
+  _check_usable("'auto' or 'xla'")
   (pt, pb), (pl, pr) = padding
   return _max_pool(x, int(window), int(stride), (int(pt), int(pb), int(pl), int(pr)),
                    x.shape)

@@ -1,10 +1,11 @@
 // oneDNN's primitives for training on JAX's CPU backend, as XLA FFI handlers: 2-D
-// convolutions (float32, NHWC activations, HWIO kernels; forward, input gradient and
-// kernel gradient) and batch normalization with batch statistics (forward, backward).
+// convolutions with a bias (float32, NHWC activations, HWIO kernels; forward, input
+// gradient, kernel and bias gradient), batch normalization with batch statistics and
+// an optional ReLU (forward, backward), and max pooling (forward, backward).
 //
 // XLA:CPU's own convolutions (and the transposes that feed its kernel gradient) take
-// most of a ResNet train step on a CPU, and its BatchNorm sums much of the rest;
-// oneDNN's are several times faster. Built by bnet_jax/nets/onednn.py, which also
+// most of a ResNet train step on a CPU, and its BatchNorm sums, pooling gradients and
+// bias sums much of the rest; oneDNN's are several times faster. Built by bnet_jax/nets/onednn.py, which also
 // registers the handlers with JAX.
 #include <array>
 #include <cstdint>
