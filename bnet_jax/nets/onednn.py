@@ -171,13 +171,17 @@ def _attributes(strides: tuple[int, int], padding: tuple[int, int, int, int]) ->
       (sh, sw, pt, pb, pl, pr))}
 
 
+def _output_hw(x_shape: tuple[int, ...], window: tuple[int, int], strides: tuple[int, int],
+               padding: tuple[int, int, int, int]) -> tuple[int, int]:
+  """(OH, OW) of a convolution or pooling window sliding over x (B, H, W, C)."""
+  (_, h, w, _), (kh, kw), (sh, sw), (pt, pb, pl, pr) = x_shape, window, strides, padding
+  return (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+
+
 def _forward(x: jax.Array, kernel: jax.Array, bias: jax.Array, strides: tuple[int, int],
              padding: tuple[int, int, int, int]) -> jax.Array:
-  n, h, w, _ = x.shape
-  kh, kw, _, cout = kernel.shape
-  (sh, sw), (pt, pb, pl, pr) = strides, padding
-  out = jax.ShapeDtypeStruct((n, (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1,
-                              cout), jnp.float32)
+  oh, ow = _output_hw(x.shape, kernel.shape[:2], strides, padding)
+  out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, kernel.shape[3]), jnp.float32)
   return jax.ffi.ffi_call("bnet_onednn_conv_forward", out)(
       x, kernel, bias, **_attributes(strides, padding))
 
@@ -248,12 +252,12 @@ def _norm_results(x: jax.Array, scale: jax.Array) -> tuple[jax.ShapeDtypeStruct,
   return jax.ShapeDtypeStruct(x.shape, jnp.float32), channels, channels
 
 
-def _norm_workspace(x: jax.Array, relu: bool) -> jax.ShapeDtypeStruct:
+def _norm_workspace(x: jax.Array, epsilon: float, relu: bool) -> jax.ShapeDtypeStruct:
   """The bytes in which the forward records where its ReLU passed (none without one)."""
   if not relu:
     return jax.ShapeDtypeStruct((0,), jnp.uint8)
   size = _library().bnet_onednn_norm_relu_workspace_bytes(
-      *(ctypes.c_int64(d) for d in x.shape))
+      *(ctypes.c_int64(d) for d in x.shape), ctypes.c_float(epsilon))
   if size < 0:
     raise OnednnUnavailableError(f"oneDNN {version()} has no batch normalization with a "
                                  f"ReLU for {x.shape}; use relu=False.")
@@ -263,7 +267,7 @@ def _norm_workspace(x: jax.Array, relu: bool) -> jax.ShapeDtypeStruct:
 def _norm_forward(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float,
                   relu: bool) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   return jax.ffi.ffi_call("bnet_onednn_norm_forward",
-                          (*_norm_results(x, scale), _norm_workspace(x, relu)))(
+                          (*_norm_results(x, scale), _norm_workspace(x, epsilon, relu)))(
       x, scale, shift, epsilon=np.float32(epsilon), relu=relu)
 
 
@@ -315,17 +319,15 @@ def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float,
 
 
 def _pool_attributes(window: int, stride: int, padding: tuple[int, int, int, int]) -> dict:
-  pt, pb, pl, pr = padding
-  return {name: np.int64(v) for name, v in zip(
-      ("window_h", "window_w", "stride_h", "stride_w", "pad_top", "pad_bottom", "pad_left",
-       "pad_right"), (window, window, stride, stride, pt, pb, pl, pr))}
+  """A convolution's attributes (`_attributes`) and the window's sides."""
+  return {"window_h": np.int64(window), "window_w": np.int64(window),
+          **_attributes((stride, stride), padding)}
 
 
 def _pool_forward(x: jax.Array, window: int, stride: int, padding: tuple[int, int, int, int]
                   ) -> tuple[jax.Array, jax.Array]:
-  n, h, w, c = x.shape
-  pt, pb, pl, pr = padding
-  shape = (n, (h + pt + pb - window) // stride + 1, (w + pl + pr - window) // stride + 1, c)
+  n, _, _, c = x.shape
+  shape = (n, *_output_hw(x.shape, (window, window), (stride, stride), padding), c)
   # The workspace: for each output, which input of its window was the max (one byte).
   return jax.ffi.ffi_call("bnet_onednn_pool_forward", (
       jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.uint8)))(

@@ -5,8 +5,8 @@
 //
 // XLA:CPU's own convolutions (and the transposes that feed its kernel gradient) take
 // most of a ResNet train step on a CPU, and its BatchNorm sums, pooling gradients and
-// bias sums much of the rest; oneDNN's are several times faster. Built by bnet_jax/nets/onednn.py, which also
-// registers the handlers with JAX.
+// bias sums much of the rest; oneDNN's are several times faster. Built by
+// bnet_jax/nets/onednn.py, which also registers the handlers with JAX.
 #include <array>
 #include <cstdint>
 #include <cstdlib>
@@ -71,6 +71,12 @@ class Arena {
 Arena& SharedArena() {
   static Arena arena;
   return arena;
+}
+
+// A scratchpad of layout `desc` in the shared arena, for a pass that needs no other
+// arena memory.
+memory Scratchpad(const memory::desc& desc) {
+  return memory(desc, Engine(), SharedArena().Get(Arena::Round(desc.get_size())));
 }
 
 // Plans made once per key and shared by every calling thread.
@@ -360,9 +366,7 @@ ffi::Error RunNorm(ffi::Span<const int64_t> x, float epsilon, bool relu, bool ba
       throw std::runtime_error("the workspace buffer's size is not oneDNN's");
     }
     const memory::desc& scratch = backward ? plan->backward_scratch : plan->forward_scratch;
-    std::unordered_map<int, memory> memories = {
-        {DNNL_ARG_SCRATCHPAD,
-         memory(scratch, Engine(), SharedArena().Get(Arena::Round(scratch.get_size())))}};
+    std::unordered_map<int, memory> memories = {{DNNL_ARG_SCRATCHPAD, Scratchpad(scratch)}};
     if (relu) memories.insert({DNNL_ARG_WORKSPACE, memory(plan->workspace, Engine(), ws)});
     for (const auto& [arg, data] : args) {
       const bool per_channel = arg != DNNL_ARG_SRC && arg != DNNL_ARG_DST &&
@@ -457,8 +461,7 @@ ffi::Error RunPool(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y, size_
     }
     const memory::desc& scratch = backward ? plan->backward_scratch : plan->forward_scratch;
     std::unordered_map<int, memory> args = {
-        {DNNL_ARG_SCRATCHPAD,
-         memory(scratch, Engine(), SharedArena().Get(Arena::Round(scratch.get_size())))},
+        {DNNL_ARG_SCRATCHPAD, Scratchpad(scratch)},
         {DNNL_ARG_WORKSPACE, memory(plan->workspace, Engine(), ws_data)}};
     if (backward) {
       args.insert({{DNNL_ARG_DIFF_DST, memory(plan->dst, Engine(), y_data)},
@@ -570,11 +573,12 @@ extern "C" int bnet_onednn_version() {
 }
 
 // The bytes of the workspace that batch normalization with a ReLU (N, H, W, C) needs,
-// or -1 if oneDNN has no such primitive.
+// or -1 if oneDNN has no such primitive. Makes the plan the calls will use.
 extern "C" int64_t bnet_onednn_norm_relu_workspace_bytes(int64_t n, int64_t h, int64_t w,
-                                                         int64_t c) {
+                                                         int64_t c, float epsilon) {
   try {
-    return static_cast<int64_t>(GetNormPlan({n, h, w, c}, 1e-5f, true)->workspace.get_size());
+    return static_cast<int64_t>(
+        GetNormPlan({n, h, w, c}, epsilon, true)->workspace.get_size());
   } catch (const std::exception&) {
     return -1;
   }
